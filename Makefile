@@ -1,0 +1,26 @@
+# `make demo` and `make test` each install what they need into the active Python, then run.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install-dev install-demo demo test test-slow bench gpu-check
+
+install-dev:
+	$(PIP) -e '.[dev]'
+
+install-demo:
+	$(PIP) -e '.[ssl]'
+
+demo: install-demo
+	$(PYTHON) -m experiments.quantization_report --out results/quantization_report
+
+test: install-dev
+	$(PYTHON) -m pytest -q
+
+test-slow: install-dev
+	$(PYTHON) -m pytest -q -m slow
+
+bench: install-dev
+	$(PYTHON) -m experiments.bench_quantize --out results/bench_quantize
+
+gpu-check: install-dev
+	bash experiments/gpu_check.sh

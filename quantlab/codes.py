@@ -1,0 +1,211 @@
+"""Quantization codes (codebooks): sorted float32 values in [-1, 1] that an index selects.
+
+A block-wise quantizer stores, per element, the index of the code value nearest to
+x / absmax(block). Everything a backend needs to find that index is derived here once,
+from the values alone:
+
+* ``midpoints``: the decision points of nearest rounding. The exact midpoint of two
+  neighbouring float32 values is rounded *down* to float32, so that for every float32 u,
+  ``count(midpoints < u)`` is the index of the nearest value with ties going to the lower
+  index -- exactly what an argmin in exact arithmetic gives. (Rounding the midpoint to
+  nearest instead would send a u equal to a midpoint that rounded up to the wrong side.)
+* ``floor_points``: ``count(floor_points < u)`` is the index of the largest value <= u,
+  the lower neighbour that stochastic rounding starts from.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _round_down_to_float32(x64: np.ndarray) -> np.ndarray:
+    """Largest float32 <= each float64 value."""
+    x32 = x64.astype(np.float32)
+    too_high = x32.astype(np.float64) > x64
+    x32[too_high] = np.nextafter(x32[too_high], np.float32(-np.inf))
+    return x32
+
+
+class Code:
+    """An immutable quantization map: ``values`` (sorted, unique, float32, in [-1, 1], holding 0.0)."""
+
+    __slots__ = ("values", "name", "bits", "midpoints", "floor_points", "zero_index", "_key")
+
+    def __init__(self, values, name: str = "custom", bits: int | None = None):
+        if np.ndim(values) != 1:
+            raise ValueError(f"code values must be one-dimensional, got shape {np.shape(values)}")
+        v = np.array(values, dtype=np.float32)
+        if v.size < 2:
+            raise ValueError(f"a code needs at least 2 values, got {v.size}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("code values must be finite")
+        if np.any(np.abs(v) > 1):
+            raise ValueError(f"code values must lie in [-1, 1], found {v[np.abs(v) > 1][:3].tolist()}")
+        if np.any(np.diff(v) <= 0):
+            if np.any(np.diff(v) < 0):
+                raise ValueError("code values must be sorted in increasing order")
+            raise ValueError("code values must be unique (after rounding to float32)")
+        if not np.any(v == 0):
+            raise ValueError("code values must contain 0.0 so that zeros and all-zero blocks are exact")
+        if bits is None:
+            bits = max(MIN_BITS, int(np.ceil(np.log2(v.size))))
+        bits = _check_bits(bits)
+        if v.size > 2**bits:
+            raise ValueError(f"{v.size} values do not fit in {bits} bits")
+        v[v == 0] = 0.0  # store +0.0, never -0.0
+        v.setflags(write=False)
+        mid = _round_down_to_float32((v[:-1].astype(np.float64) + v[1:].astype(np.float64)) / 2)
+        floor = np.nextafter(v[1:], np.float32(-np.inf))
+        for a in (mid, floor):
+            a.setflags(write=False)
+        for slot, value in [("values", v), ("name", str(name)), ("bits", int(bits)), ("midpoints", mid),
+                            ("floor_points", floor), ("zero_index", int(np.flatnonzero(v == 0)[0])),
+                            ("_key", (v.tobytes(), int(bits)))]:
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Code is immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError("Code is immutable")
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.values[0] < 0)
+
+    def __len__(self) -> int:
+        return self.values.size
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Code) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Code({self.name!r}, bits={self.bits}, n={len(self)}, signed={self.signed})"
+
+    def __reduce__(self):
+        return (Code, (self.values.copy(), self.name, self.bits))
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return int(bits)
+
+
+def _fma_float32(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    # a*b is exact in float64; the sum is exact for the operands used here, so one rounding.
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def _linspace_like_torch(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 ``torch.linspace`` on the CPU, which bitsandbytes builds its map with.
+
+    torch computes step = (end - start) / (steps - 1) in float32 and each value as
+    start + step * i below the halfway index and end - step * (steps - 1 - i) above it;
+    the compiler contracts these to fused multiply-adds (one rounding), reproduced here.
+    """
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(steps - 1)
+    half = steps // 2
+    return np.array([_fma_float32(step, np.float32(i), start32) if i < half
+                     else _fma_float32(-step, np.float32(steps - 1 - i), end32) for i in range(steps)],
+                    dtype=np.float32)
+
+
+def dynamic_code(signed: bool = True, bits: int = 8, symmetric: bool = False) -> Code:
+    """Dynamic tree map of Dettmers (2016), in bitsandbytes' ``create_dynamic_map`` layout.
+
+    For exponent level i = 0 .. bits-2 the decade is 10**(i - (bits - 2)); in it lie the midpoints
+    of the k intervals of linspace(0.1, 1, k + 1), k = 2**i (signed, with their negatives) or
+    2**(i+1) (unsigned); plus 0 and 1.0. With bits=8 this is bit-identical to bitsandbytes'
+    map: -1.0 is not in the signed map, so a block whose largest magnitude is negative is not
+    stored exactly. ``symmetric=True`` mirrors the positive half (1.0 included) onto the negatives
+    and drops the smallest-magnitude pair to fit: 2**bits - 1 values, -1.0 and 1.0 both exact.
+    """
+    bits = _check_bits(bits)
+    if symmetric and not signed:
+        raise ValueError("symmetric=True needs signed=True")
+    levels = bits - 1
+    positive = []
+    for i in range(levels):
+        k = 2**i if signed or symmetric else 2 ** (i + 1)
+        bounds = _linspace_like_torch(0.1, 1.0, k + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        positive.append(np.float32(10.0 ** (i - (levels - 1))) * means)
+    positive = np.concatenate(positive + [np.array([1.0], np.float32)])
+    if symmetric:
+        positive = np.sort(positive)[1:]
+        values = np.concatenate([-positive, [0.0], positive])
+        name = f"dynamic{bits}-symmetric"
+    elif signed:
+        values = np.concatenate([-positive[:-1], [0.0], positive])
+        name = f"dynamic{bits}-signed"
+    else:
+        values = np.concatenate([[0.0], positive])
+        name = f"dynamic{bits}-unsigned"
+    return Code(np.sort(values.astype(np.float32)), name, bits)
+
+
+def linear_code(bits: int = 8, signed: bool = True) -> Code:
+    """Evenly spaced values: 2**bits - 1 in [-1, 1] (odd, so 0 is one of them) or 2**bits in [0, 1]."""
+    bits = _check_bits(bits)
+    values = np.linspace(-1.0, 1.0, 2**bits - 1) if signed else np.linspace(0.0, 1.0, 2**bits)
+    return Code(values.astype(np.float32), f"linear{bits}-{'signed' if signed else 'unsigned'}", bits)
+
+
+def quantile_code(sample, bits: int = 8, offset: float | None = None) -> Code:
+    """Quantiles of ``sample`` at 2**bits evenly spaced probabilities in [offset, 1 - offset].
+
+    The quantiles are scaled by their largest magnitude into [-1, 1]; repeated quantiles are merged
+    and the one nearest zero is replaced by 0.0 (zeros must stay exact). ``offset`` defaults to half
+    a probability step, 1 / 2**(bits+1), so the tails are represented without the extremes.
+    """
+    bits = _check_bits(bits)
+    x = np.asarray(sample, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("quantile_code needs a non-empty sample")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("quantile_code sample contains NaN or Inf")
+    offset = 1.0 / 2 ** (bits + 1) if offset is None else float(offset)
+    if not 0.0 <= offset < 0.5:
+        raise ValueError(f"offset must be in [0, 0.5), got {offset}")
+    q = np.quantile(x, np.linspace(offset, 1.0 - offset, 2**bits))
+    scale = np.max(np.abs(q))
+    if scale == 0:
+        raise ValueError("quantile_code sample quantiles are all zero")
+    values = np.unique((q / scale).astype(np.float32))
+    values[np.argmin(np.abs(values))] = 0.0
+    values = np.unique(values)
+    if values.size < 2:
+        raise ValueError("quantile_code sample has fewer than 2 distinct quantiles")
+    return Code(values, f"quantile{bits}", bits)
+
+
+_FP8_FORMATS = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15)}  # exponent bits, mantissa bits, bias
+
+
+def _decode_fp8(fmt: str) -> np.ndarray:
+    """All finite values of an fp8 format (OCP e4m3fn: no Inf, one NaN pattern; e5m2: IEEE-like)."""
+    e_bits, m_bits, bias = _FP8_FORMATS[fmt]
+    pattern = np.arange(256)
+    sign = np.where(pattern >> 7, -1.0, 1.0)
+    exponent = (pattern >> m_bits) & (2**e_bits - 1)
+    mantissa = pattern & (2**m_bits - 1)
+    normal = (1 + mantissa / 2**m_bits) * 2.0 ** (exponent - bias)
+    subnormal = (mantissa / 2**m_bits) * 2.0 ** (1 - bias)
+    value = sign * np.where(exponent == 0, subnormal, normal)
+    top = exponent == 2**e_bits - 1
+    special = top & (mantissa == 2**m_bits - 1) if fmt == "e4m3" else top
+    return value[~special]
+
+
+def fp8_code(fmt: str = "e4m3") -> Code:
+    """The finite values of an fp8 format divided by its largest value (448 for e4m3, 57344 for e5m2)."""
+    if fmt not in _FP8_FORMATS:
+        raise ValueError(f"fp8 format must be one of {sorted(_FP8_FORMATS)}, got {fmt!r}")
+    finite = np.unique(_decode_fp8(fmt))
+    return Code((finite / finite.max()).astype(np.float32), f"fp8-{fmt}", 8)

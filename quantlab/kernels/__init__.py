@@ -1,0 +1,249 @@
+"""Fast block-wise quantization: Numba kernels for the CPU and CUDA, bit-identical to the reference.
+
+``quantize_blockwise`` / ``dequantize_blockwise`` take the reference's arguments and accept NumPy
+arrays, CPU torch tensors (zero-copy) and CUDA torch tensors (zero-copy through
+``__cuda_array_interface__``, launched on torch's current stream). Results live where the input
+lives and have its array type. The backend follows the input; ``backend=`` or the environment
+variable ``QUANTLAB_BACKEND`` ("cpu", "cuda" or "reference") forces one, copying data across if
+needed.
+
+Non-finite input is detected from the block absmax the kernel computes anyway (its bit pattern is
+Inf or NaN), so checking costs nothing on the CPU; on a GPU the check is one device-to-host read,
+which ``check_finite=False`` skips (a bad block then has a non-finite absmax).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import reference
+from ..codes import Code
+from .lookup import SearchTable, search_tables
+
+BACKENDS = ("cpu", "cuda", "reference")
+_HALF_DTYPES = ("float16", "bfloat16", "float64")
+
+
+def _is_torch(a) -> bool:
+    return type(a).__module__.split(".")[0] == "torch"
+
+
+def _resolve_backend(x, backend) -> str:
+    backend = backend or os.environ.get("QUANTLAB_BACKEND") or None
+    if backend is None:
+        return "cuda" if _is_torch(x) and x.is_cuda else "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _torch_to_float32(x):
+    """A contiguous float32 torch tensor on x's device (16-bit and float64 input converted)."""
+    import torch
+
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x must be one of {', '.join(reference.ACCEPTED_FLOAT_DTYPES)}, got {x.dtype}")
+    return x.detach().to(torch.float32).contiguous()
+
+
+def _raise_if_nonfinite(absmax: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(absmax))
+    if bad.size:
+        raise ValueError(f"x contains NaN or Inf (first in block {int(bad[0])}; after conversion to float32)")
+
+
+# --- CPU ------------------------------------------------------------------------------------------
+
+def _quantize_cpu(x32: np.ndarray, code: Code, block_size: int, noise):
+    from . import cpu
+
+    nearest, floor = search_tables(code)
+    flat = x32.reshape(-1)
+    q = np.empty(flat.size, np.uint8)
+    absmax = np.empty(reference.num_blocks(flat.size, block_size), np.float32)
+    if noise is None:
+        cpu.quantize_blockwise(flat, flat.view(np.int32), block_size, *_table_args(nearest),
+                               code.zero_index, q, absmax)
+    else:
+        cpu.quantize_blockwise_stochastic(flat, flat.view(np.int32), noise.reshape(-1), block_size,
+                                          *_table_args(floor), code.values, code.zero_index, q, absmax)
+    _raise_if_nonfinite(absmax)
+    return q.reshape(x32.shape), absmax
+
+
+def _dequantize_cpu(q: np.ndarray, absmax: np.ndarray, code: Code, block_size: int) -> np.ndarray:
+    from . import cpu
+
+    out = np.empty(q.size, np.float32)
+    cpu.dequantize_blockwise(q.reshape(-1), absmax, code.values, block_size, out)
+    return out.reshape(q.shape)
+
+
+def _table_args(t: SearchTable):
+    return t.table, t.points, t.shift, t.bias, t.steps
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+def _cuda_stream():
+    """torch's current stream when torch has CUDA, so launches order with torch's work."""
+    from numba import cuda
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    except ImportError:
+        pass
+    return 0  # Numba's default stream
+
+
+def _quantize_cuda(x, code: Code, block_size: int, noise, q, absmax):
+    """x, noise, q, absmax: device arrays (numba); writes q and absmax."""
+    from numba import cuda
+
+    from . import cuda as kernels
+
+    nearest, floor = search_tables(code)
+    stream = _cuda_stream()
+    threads = kernels.threads_for(block_size)
+    grid = absmax.size
+    if noise is None:
+        table = _to_device(nearest, stream)
+        kernels.quantize_blockwise[grid, threads, stream](
+            x, x.view(np.int32), block_size, *table, code.zero_index, q, absmax)
+    else:
+        table = _to_device(floor, stream)
+        values = cuda.to_device(code.values, stream=stream)
+        kernels.quantize_blockwise_stochastic[grid, threads, stream](
+            x, x.view(np.int32), noise, block_size, *table, values, code.zero_index, q, absmax)
+
+
+def _to_device(t: SearchTable, stream):
+    from numba import cuda
+
+    return (cuda.to_device(t.table, stream=stream), cuda.to_device(t.points, stream=stream),
+            t.shift, t.bias, t.steps)
+
+
+def _dequantize_cuda(q, absmax, code: Code, block_size: int, out):
+    from numba import cuda
+
+    from . import cuda as kernels
+
+    stream = _cuda_stream()
+    # Padded to 256 entries with NaN: an index past the code (not checked on the GPU, which would
+    # cost a device-to-host read) reads NaN, never foreign memory.
+    padded = np.full(256, np.nan, np.float32)
+    padded[: len(code)] = code.values
+    values = cuda.to_device(padded, stream=stream)
+    kernels.dequantize_blockwise[absmax.size, kernels.threads_for(block_size), stream](
+        q, absmax, values, block_size, out)
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+def quantize_blockwise(x, code: Code, block_size: int = 256, noise=None, backend: str | None = None,
+                       check_finite: bool = True):
+    """Block-wise quantization, bit-identical to ``quantlab.reference.quantize_blockwise``.
+
+    Returns ``(q, absmax)`` of x's array type and device: uint8 indices shaped like ``x`` and one
+    float32 absmax per block. ``noise`` (float32 uniform in [0, 1), shaped like x) selects
+    stochastic rounding.
+    """
+    code = reference.check_code(code)
+    block_size = reference.check_block_size(block_size)
+    backend = _resolve_backend(x, backend)
+    if _is_torch(x):
+        return _quantize_torch(x, code, block_size, noise, backend, check_finite)
+    x32 = reference.as_float32(x, check_finite=False)
+    if x32.size == 0:
+        raise ValueError("cannot quantize an empty array")
+    if noise is not None:
+        noise = reference.check_noise(noise, x32.shape)
+    if backend == "reference":
+        return reference.quantize_blockwise(x32, code, block_size, noise)
+    if backend == "cpu":
+        return _quantize_cpu(x32, code, block_size, noise)
+    from numba import cuda
+
+    q = cuda.device_array(x32.size, np.uint8)
+    absmax = cuda.device_array(reference.num_blocks(x32.size, block_size), np.float32)
+    _quantize_cuda(cuda.to_device(x32.reshape(-1)), code, block_size,
+                   None if noise is None else cuda.to_device(noise.reshape(-1)), q, absmax)
+    absmax = absmax.copy_to_host()
+    _raise_if_nonfinite(absmax)
+    return q.copy_to_host().reshape(x32.shape), absmax
+
+
+def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256, backend: str | None = None):
+    """``code.values[q] * absmax[block]`` in float32, shaped like ``q``; bit-identical to the reference."""
+    code = reference.check_code(code)
+    block_size = reference.check_block_size(block_size)
+    backend = _resolve_backend(q, backend)
+    if _is_torch(q):
+        return _dequantize_torch(q, absmax, code, block_size, backend)
+    q = np.ascontiguousarray(reference.check_indices(q, code))
+    absmax = np.ascontiguousarray(reference.check_absmax(absmax, q.size, block_size))
+    if backend == "reference":
+        return reference.dequantize_blockwise(q, absmax, code, block_size)
+    if backend == "cpu":
+        return _dequantize_cpu(q, absmax, code, block_size)
+    from numba import cuda
+
+    out = cuda.device_array(q.size, np.float32)
+    _dequantize_cuda(cuda.to_device(q.reshape(-1)), cuda.to_device(absmax), code, block_size, out)
+    return out.copy_to_host().reshape(q.shape)
+
+
+# --- torch tensors --------------------------------------------------------------------------------
+
+def _quantize_torch(x, code, block_size, noise, backend, check_finite):
+    import torch
+
+    x32 = _torch_to_float32(x)
+    if x32.numel() == 0:
+        raise ValueError("cannot quantize an empty array")
+    if noise is not None:
+        if not _is_torch(noise) or noise.dtype != torch.float32 or noise.shape != x.shape:
+            raise ValueError("noise must be a float32 tensor shaped like x")
+        noise = noise.detach().to(x.device).contiguous()
+    if backend != "cuda" or not x.is_cuda:
+        q, absmax = quantize_blockwise(x32.cpu().numpy(), code, block_size,
+                                       None if noise is None else noise.cpu().numpy(), backend)
+        return torch.from_numpy(q).to(x.device), torch.from_numpy(absmax).to(x.device)
+    from numba import cuda
+
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(reference.num_blocks(x.numel(), block_size), dtype=torch.float32, device=x.device)
+    _quantize_cuda(cuda.as_cuda_array(x32.reshape(-1)), code, block_size,
+                   None if noise is None else cuda.as_cuda_array(noise.reshape(-1)),
+                   cuda.as_cuda_array(q.reshape(-1)), cuda.as_cuda_array(absmax))
+    if check_finite and not bool(torch.isfinite(absmax).all()):
+        _raise_if_nonfinite(absmax.cpu().numpy())
+    return q, absmax
+
+
+def _dequantize_torch(q, absmax, code, block_size, backend):
+    import torch
+
+    if not _is_torch(absmax) or absmax.device != q.device:
+        raise TypeError("q and absmax must be torch tensors on the same device")
+    if backend != "cuda" or not q.is_cuda:
+        out = dequantize_blockwise(q.detach().cpu().numpy(), absmax.detach().cpu().numpy(), code,
+                                   block_size, backend)
+        return torch.from_numpy(out).to(q.device)
+    from numba import cuda
+
+    if q.dtype != torch.uint8 or absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise TypeError("q must be uint8 and absmax a 1-D float32 tensor")
+    if absmax.numel() != reference.num_blocks(q.numel(), block_size):
+        raise ValueError(f"absmax has {absmax.numel()} entries; {q.numel()} elements in blocks of "
+                         f"{block_size} need {reference.num_blocks(q.numel(), block_size)}")
+    q, absmax = q.contiguous(), absmax.contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    _dequantize_cuda(cuda.as_cuda_array(q.reshape(-1)), cuda.as_cuda_array(absmax), code, block_size,
+                     cuda.as_cuda_array(out.reshape(-1)))
+    return out

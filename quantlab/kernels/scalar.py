@@ -1,0 +1,47 @@
+"""Per-element maths shared by the CPU and CUDA kernels, written once as plain Python.
+
+``compile_scalar_maths`` compiles these functions for one target: ``jit`` is ``numba.njit`` or
+``numba.cuda.jit(device=True)`` and ``float_of_bits`` is that target's int32 -> float32 bit cast.
+Indices are unsigned 64-bit: no negative-index handling in the hot loop, no overflow past 2**31.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+MAGNITUDE_BITS = 0x7FFFFFFF
+INF_BITS = 0x7F800000  # |x| bits at or above this are Inf or NaN
+
+
+def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
+    @jit
+    def block_bounds(block, block_size, n):
+        start = np.int64(block) * np.int64(block_size)
+        return start, min(start + np.int64(block_size), np.int64(n))
+
+    @jit
+    def search(u, u_bits, table, points, shift, bias, steps):
+        """count(points < u) for -1 <= u <= 1 with bit pattern u_bits (see lookup.py)."""
+        s = np.int64(u_bits)
+        key = s ^ ((s >> 31) & MAGNITUDE_BITS)
+        i = np.uint64(table[np.uint64(key + bias) >> np.uint64(shift)])
+        for _ in range(steps):
+            i += np.uint64(points[i] < u)
+        return i
+
+    @jit
+    def stochastic_round_up(u, noise, lower, values):
+        """1 if u moves from values[lower] up to values[lower + 1], else 0 (float32 arithmetic)."""
+        if lower + 1 >= values.size:
+            return 0
+        low = values[lower]
+        fraction = (u - low) / (values[lower + 1] - low)
+        return 1 if noise < fraction else 0
+
+    @jit
+    def absmax_of_bits(largest_magnitude_bits):
+        return float_of_bits(np.int32(largest_magnitude_bits))
+
+    return SimpleNamespace(block_bounds=block_bounds, search=search,
+                           stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits)

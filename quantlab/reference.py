@@ -1,0 +1,147 @@
+"""The NumPy oracle: every algorithm quantlab computes, written for clarity, not speed.
+
+Fast backends (``quantlab.kernels``) must agree with these functions bit for bit.
+
+Rounding rule (DESIGN.md section 2, with decision points rounded down; see ``quantlab.codes``):
+u = x / absmax in IEEE float32; the index is the number of ``code.midpoints`` strictly below u,
+i.e. the nearest code value, ties to the lower index. A block with absmax 0 stores absmax 0 and
+the index of 0.0. Dequantization is ``code.values[q] * absmax`` in float32.
+
+Input dtype policy: float32 is quantized as is; float16 and bfloat16 are widened to float32
+(exactly); float64 is rounded to the nearest float32 first (a value beyond float32's range
+becomes Inf and is rejected). Integer, boolean and complex inputs are rejected. Dequantization
+always returns float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .codes import Code
+
+ACCEPTED_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def as_float32(x, what: str = "x", check_finite: bool = True) -> np.ndarray:
+    """``x`` as a float32 array following the dtype policy above; rejects non-finite values."""
+    x = np.asarray(x)
+    if x.dtype.name not in ACCEPTED_FLOAT_DTYPES:
+        raise TypeError(f"{what} must be one of {', '.join(ACCEPTED_FLOAT_DTYPES)}, got {x.dtype}")
+    x32 = x.astype(np.float32, copy=False)
+    if check_finite and not np.all(np.isfinite(x32)):
+        raise ValueError(f"{what} contains NaN or Inf (after conversion to float32)")
+    return x32
+
+
+def check_code(code) -> Code:
+    if not isinstance(code, Code):
+        raise TypeError(f"code must be a quantlab Code, got {type(code).__name__}")
+    return code
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    return int(block_size)
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def check_noise(noise, shape) -> np.ndarray:
+    """Uniform noise for stochastic rounding: float32 in [0, 1), one value per element."""
+    noise = np.asarray(noise)
+    if noise.dtype != np.float32:
+        raise TypeError(f"noise must be float32, got {noise.dtype}")
+    if noise.shape != tuple(shape):
+        raise ValueError(f"noise has shape {noise.shape}, the input has shape {tuple(shape)}")
+    if not np.all((noise >= 0) & (noise < 1)):
+        raise ValueError("noise must lie in [0, 1)")
+    return noise
+
+
+def check_indices(q, code: Code) -> np.ndarray:
+    q = np.asarray(q)
+    if q.dtype != np.uint8:
+        raise TypeError(f"q must be uint8 code indices, got {q.dtype}")
+    # Every uint8 is a valid index of a 256-value code; only shorter codes need the scan.
+    if len(code) < 256 and q.size and int(q.max()) >= len(code):
+        raise ValueError(f"q holds index {int(q.max())}, but code {code.name} has {len(code)} values")
+    return q
+
+
+def check_absmax(absmax, n: int, block_size: int) -> np.ndarray:
+    absmax = np.asarray(absmax)
+    if absmax.dtype != np.float32 or absmax.ndim != 1:
+        raise TypeError(f"absmax must be a 1-D float32 array, got {absmax.dtype} with shape {absmax.shape}")
+    expected = num_blocks(n, block_size)
+    if absmax.size != expected:
+        raise ValueError(f"absmax has {absmax.size} entries; {n} elements in blocks of {block_size} "
+                         f"need {expected}")
+    if not np.all(np.isfinite(absmax) & (absmax >= 0)):
+        raise ValueError("absmax must be finite and non-negative")
+    return absmax
+
+
+def quantize(u, code: Code, noise=None) -> np.ndarray:
+    """Code indices (uint8) of normalised values ``u`` (float32, usually in [-1, 1]).
+
+    Nearest rounding by default. With ``noise`` (float32 uniform in [0, 1), same shape) the index is
+    stochastic: the lower neighbour c[i] <= u is chosen, then moved up to c[i+1] when
+    noise < (u - c[i]) / (c[i+1] - c[i]) (float32 arithmetic), so E[value] = u.
+    """
+    code = check_code(code)
+    u = as_float32(u, "u")
+    if noise is None:
+        return np.searchsorted(code.midpoints, u, side="left").astype(np.uint8)
+    noise = check_noise(noise, u.shape)
+    c = code.values
+    lower = np.clip(np.searchsorted(c, u, side="right") - 1, 0, len(c) - 1)
+    upper = np.minimum(lower + 1, len(c) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = (u - c[lower]) / (c[upper] - c[lower])
+    round_up = (upper > lower) & (noise < fraction)
+    return (lower + round_up).astype(np.uint8)
+
+
+def dequantize(q, code: Code) -> np.ndarray:
+    """Code values (float32) of indices ``q``."""
+    code = check_code(code)
+    return code.values[check_indices(q, code)]
+
+
+def quantize_blockwise(x, code: Code, block_size: int = 256, noise=None):
+    """Block-wise quantization of the C-order flattened ``x``.
+
+    Returns ``(q, absmax)``: uint8 indices shaped like ``x`` and the float32 absmax of each block of
+    ``block_size`` consecutive elements (the last block may be shorter).
+    """
+    code = check_code(code)
+    block_size = check_block_size(block_size)
+    x = as_float32(x)
+    if x.size == 0:
+        raise ValueError("cannot quantize an empty array")
+    if noise is not None:
+        noise = check_noise(noise, x.shape).reshape(-1)
+    flat = x.reshape(-1)
+    n = flat.size
+    nb = num_blocks(n, block_size)
+    width = min(block_size, n)
+    padded = np.zeros(nb * width, np.float32)
+    padded[:n] = flat
+    blocks = padded.reshape(nb, width)
+    absmax = np.max(np.abs(blocks), axis=1)
+    u = np.divide(blocks, absmax[:, None], out=np.zeros_like(blocks), where=absmax[:, None] > 0)
+    u = u.reshape(-1)[:n]
+    q = quantize(u, code, noise)
+    return q.reshape(x.shape), absmax
+
+
+def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256) -> np.ndarray:
+    """Inverse of ``quantize_blockwise``: ``code.values[q] * absmax[block]`` in float32, shaped like ``q``."""
+    code = check_code(code)
+    block_size = check_block_size(block_size)
+    q = check_indices(q, code)
+    absmax = check_absmax(absmax, q.size, block_size)
+    block_of_element = np.arange(q.size, dtype=np.int64) // block_size
+    return (code.values[q.reshape(-1)] * absmax[block_of_element]).reshape(q.shape)
