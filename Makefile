@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install-dev install-demo demo test test-slow bench gpu-check
+.PHONY: install-dev install-demo demo test test-slow bench gpu-check clean-cache
 
 install-dev:
 	$(PIP) -e '.[dev]'
@@ -24,3 +24,7 @@ bench: install-dev
 
 gpu-check: install-dev
 	bash experiments/gpu_check.sh
+
+# Numba's cache keys on each kernel's own file: after editing quantlab/kernels/scalar.py, clear it.
+clean-cache:
+	find quantlab -name '*.nbi' -delete -o -name '*.nbc' -delete

@@ -83,12 +83,12 @@ def test_torch_input_is_not_copied_when_float32_contiguous(monkeypatch):
 
 def _count_search_mismatches_source():
     @numba.njit(parallel=True)
-    def mismatches(first_bits, last_bits, table, points, shift, bias, steps, true_points):
+    def mismatches(first_bits, last_bits, table, points, shift, bias, true_points):
         """Table search vs binary search for every float32 whose bit pattern is in [first, last]."""
         count = 0
         for pattern in numba.prange(first_bits, last_bits + 1):
             u = np.uint32(pattern).view(np.float32)
-            found = cpu._search(u, np.uint32(pattern).view(np.int32), table, points, shift, bias, steps)
+            found = cpu._search(u, np.uint32(pattern).view(np.int32), table, points, shift, bias)
             if found != np.searchsorted(true_points, u, side="left"):
                 count += 1
         return count
@@ -104,7 +104,7 @@ def _exhaustive(code):
     nearest, floor = search_tables(code)
     for table, true_points in ((nearest, code.midpoints), (floor, code.floor_points)):
         for first, last in (POSITIVE_RANGE, NEGATIVE_RANGE):
-            assert _mismatches(first, last, table.table, table.points, table.shift, table.bias, table.steps,
+            assert _mismatches(first, last, table.table, table.points, table.shift, table.bias,
                                true_points) == 0, code
 
 
@@ -126,7 +126,7 @@ def test_table_search_sampled_for_every_code():
     for code in SHIPPED_CODES:
         for table, true_points in zip(search_tables(code), (code.midpoints, code.floor_points)):
             out = np.empty(u.size, np.int64)
-            cpu.search_all(u, table.table, table.points, table.shift, table.bias, table.steps, out)
+            cpu.search_all(u, table.table, table.points, table.shift, table.bias, out)
             np.testing.assert_array_equal(out, np.searchsorted(true_points, u, side="left"))
             np.testing.assert_array_equal(table.index(u), out)
 

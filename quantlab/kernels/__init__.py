@@ -81,7 +81,7 @@ def _dequantize_cpu(q: np.ndarray, absmax: np.ndarray, code: Code, block_size: i
 
 
 def _table_args(t: SearchTable):
-    return t.table, t.points, t.shift, t.bias, t.steps
+    return t.table, t.points, t.shift, t.bias
 
 
 # --- CUDA -----------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def _to_device(t: SearchTable, stream):
     from numba import cuda
 
     return (cuda.to_device(t.table, stream=stream), cuda.to_device(t.points, stream=stream),
-            t.shift, t.bias, t.steps)
+            t.shift, t.bias)
 
 
 def _dequantize_cuda(q, absmax, code: Code, block_size: int, out):

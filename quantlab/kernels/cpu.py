@@ -3,7 +3,9 @@
 No fastmath: every floating-point operation is the IEEE float32 operation the reference does.
 The block absmax is an integer max over the magnitude bits (it vectorises without reassociating
 float maths, and a NaN or Inf in the block shows up as bits >= Inf). Loops run over block slices
-indexed from 0, which lets LLVM drop negative-index handling and vectorise.
+indexed from 0, which lets LLVM drop negative-index handling and vectorise. The scalar maths is
+inlined (``inline="always"``); Numba's on-disk cache keys on this file only, so after editing
+scalar.py run ``make clean-cache``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from numba import prange
 
 from .scalar import INF_BITS, MAGNITUDE_BITS, compile_scalar_maths
 
-_jit = numba.njit(cache=True)
+_jit = numba.njit(cache=True, inline="always")
 
 
 @_jit
@@ -36,16 +38,12 @@ def _block_absmax(bits):
 
 
 @_jit
-def _normalise(xb, scale):
-    """u = x / absmax (IEEE division) in a fresh block buffer; returns it and its bit patterns."""
-    ub = np.empty(xb.size, np.float32)
-    for i in range(xb.size):
-        ub[i] = xb[i] / scale
-    return ub, ub.view(np.int32)
+def _float_bits(u):
+    return np.float32(u).view(np.int32)
 
 
 @numba.njit(parallel=True, cache=True)
-def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, steps, zero_index, q, absmax):
+def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, zero_index, q, absmax):
     """Nearest rounding. x: float32[n], x_bits: the same memory as int32[n]; writes q, absmax."""
     for block in prange(absmax.size):
         start, end = _block_bounds(block, block_size, x.size)
@@ -55,13 +53,14 @@ def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, steps,
         if scale == 0 or not finite:
             qb[:] = zero_index
             continue
-        ub, ub_bits = _normalise(x[start:end], scale)
-        for i in range(ub.size):
-            qb[i] = _search(ub[i], ub_bits[i], table, points, shift, bias, steps)
+        xb = x[start:end]
+        for i in range(xb.size):
+            u = xb[i] / scale
+            qb[i] = _search(u, _float_bits(u), table, points, shift, bias)
 
 
 @numba.njit(parallel=True, cache=True)
-def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, shift, bias, steps,
+def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, shift, bias,
                                   values, zero_index, q, absmax):
     """Stochastic rounding with explicit uniform noise; ``table``/``points`` are the floor search."""
     for block in prange(absmax.size):
@@ -72,10 +71,11 @@ def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, s
         if scale == 0 or not finite:
             qb[:] = zero_index
             continue
-        ub, ub_bits = _normalise(x[start:end], scale)
-        for i in range(ub.size):
-            lower = _search(ub[i], ub_bits[i], table, points, shift, bias, steps)
-            qb[i] = lower + _round_up(ub[i], nb[i], lower, values)
+        xb = x[start:end]
+        for i in range(xb.size):
+            u = xb[i] / scale
+            lower = _search(u, _float_bits(u), table, points, shift, bias)
+            qb[i] = lower + _round_up(u, nb[i], lower, values)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -89,8 +89,8 @@ def dequantize_blockwise(q, absmax, values, block_size, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def search_all(u, table, points, shift, bias, steps, out):
+def search_all(u, table, points, shift, bias, out):
     """The table search alone over many u in [-1, 1] (for the exhaustive exactness check)."""
     u_bits = u.view(np.int32)
     for i in prange(u.size):
-        out[i] = _search(u[i], u_bits[i], table, points, shift, bias, steps)
+        out[i] = _search(u[i], u_bits[i], table, points, shift, bias)

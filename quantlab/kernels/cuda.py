@@ -67,7 +67,7 @@ def _block_absmax(x_bits, start, end):
 
 
 @cuda.jit
-def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, steps, zero_index, q, absmax):
+def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, zero_index, q, absmax):
     block = cuda.blockIdx.x
     start, end = _block_bounds(block, block_size, x.size)
     largest = _block_absmax(x_bits, start, end)
@@ -79,14 +79,14 @@ def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, steps,
     while i < end:
         if finite_nonzero:
             u = x[i] / scale
-            q[i] = _search(u, _float_bits(u), table, points, shift, bias, steps)
+            q[i] = _search(u, _float_bits(u), table, points, shift, bias)
         else:
             q[i] = zero_index
         i += cuda.blockDim.x
 
 
 @cuda.jit
-def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, shift, bias, steps,
+def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, shift, bias,
                                   values, zero_index, q, absmax):
     block = cuda.blockIdx.x
     start, end = _block_bounds(block, block_size, x.size)
@@ -99,7 +99,7 @@ def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, s
     while i < end:
         if finite_nonzero:
             u = x[i] / scale
-            lower = _search(u, _float_bits(u), table, points, shift, bias, steps)
+            lower = _search(u, _float_bits(u), table, points, shift, bias)
             q[i] = lower + _round_up(u, noise[i], lower, values)
         else:
             q[i] = zero_index

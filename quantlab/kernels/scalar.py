@@ -21,14 +21,12 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
         return start, min(start + np.int64(block_size), np.int64(n))
 
     @jit
-    def search(u, u_bits, table, points, shift, bias, steps):
+    def search(u, u_bits, table, points, shift, bias):
         """count(points < u) for -1 <= u <= 1 with bit pattern u_bits (see lookup.py)."""
         s = np.int64(u_bits)
         key = s ^ ((s >> 31) & MAGNITUDE_BITS)
         i = np.uint64(table[np.uint64(key + bias) >> np.uint64(shift)])
-        for _ in range(steps):
-            i += np.uint64(points[i] < u)
-        return i
+        return i + np.uint64(points[i] < u)  # the bucket holds at most one point: points[i]
 
     @jit
     def stochastic_round_up(u, noise, lower, values):
