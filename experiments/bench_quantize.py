@@ -70,6 +70,11 @@ def bench_cpu(n: int, block_sizes, repeats: int, reference_repeats: int) -> dict
     bnb = bitsandbytes_functions()
     rows = []
     for block_size in block_sizes:
+        # quantlab twice: allocating its outputs per call, and writing into preallocated ones (out=).
+        # bitsandbytes always allocates (its out= copies a freshly allocated result).
+        q_buf = np.empty(n, np.uint8)
+        absmax_buf = np.empty(reference.num_blocks(n, block_size), np.float32)
+        values_buf = np.empty(n, np.float32)
         impls = {
             "reference (numpy)": (
                 lambda: reference.quantize_blockwise(x, code, block_size),
@@ -77,12 +82,17 @@ def bench_cpu(n: int, block_sizes, repeats: int, reference_repeats: int) -> dict
             "quantlab cpu": (
                 lambda: kernels.quantize_blockwise(x, code, block_size, backend="cpu"),
                 lambda q, a: kernels.dequantize_blockwise(q, a, code, block_size, backend="cpu"), repeats),
+            "quantlab cpu, out=": (
+                lambda: kernels.quantize_blockwise(x, code, block_size, backend="cpu", out=(q_buf, absmax_buf)),
+                lambda q, a: kernels.dequantize_blockwise(q, a, code, block_size, backend="cpu", out=values_buf),
+                repeats),
         }
         if bnb is not None:
             tx, tcode = torch.from_numpy(x), torch.from_numpy(code.values.copy())
             impls["bitsandbytes cpu"] = (
                 lambda: bnb.quantize_blockwise(tx, code=tcode, blocksize=block_size),
                 lambda q, state: bnb.dequantize_blockwise(q, state), repeats)
+
         for name, (quantize, dequantize, reps) in impls.items():
             try:
                 packed = quantize()
@@ -93,7 +103,7 @@ def bench_cpu(n: int, block_sizes, repeats: int, reference_repeats: int) -> dict
             td = median_time(lambda: dequantize(*packed), reps)
             rows.append({"impl": name, "block_size": block_size, "quantize_per_s": n / tq,
                          "dequantize_per_s": n / td, "round_trip_per_s": n / (tq + td)})
-            print(f"  block {block_size:5d} {name:18s} quantize {n / tq / 1e6:8.1f} M/s  "
+            print(f"  block {block_size:5d} {name:24s} quantize {n / tq / 1e6:8.1f} M/s  "
                   f"dequantize {n / td / 1e6:8.1f} M/s  round trip {n / (tq + td) / 1e6:8.1f} M/s", flush=True)
     return {"rows": rows, "copy_bytes_per_s": copy_bandwidth(n, repeats, "cpu")}
 
@@ -124,33 +134,37 @@ def bench_cuda(n: int, block_sizes, repeats: int) -> dict:
             rows.append({"impl": name, "block_size": block_size, "quantize_per_s": n / tq,
                          "dequantize_per_s": n / td, "round_trip_per_s": n / (tq + td),
                          "quantize_bytes_per_s": 5 * n / tq, "dequantize_bytes_per_s": 5 * n / td})
-            print(f"  block {block_size:5d} {name:18s} quantize {5 * n / tq / 1e9:7.1f} GB/s  "
+            print(f"  block {block_size:5d} {name:24s} quantize {5 * n / tq / 1e9:7.1f} GB/s  "
                   f"dequantize {5 * n / td / 1e9:7.1f} GB/s", flush=True)
     return {"rows": rows, "copy_bytes_per_s": copy_bandwidth(n, repeats, "cuda"),
             "gpu": torch.cuda.get_device_name()}
 
 
 def ratio_table(result: dict, device: str) -> str:
+    """quantlab (allocating, and with out=) against bitsandbytes, per block size."""
     by = {(r["impl"], r["block_size"]): r for r in result["rows"]}
-    ours, rival = f"quantlab {device}", f"bitsandbytes {device}"
     copy_seconds_per_element = ROUND_TRIP_BYTES / max(result["copy_bytes_per_s"].values())
 
-    def ratio(row, other, key):
-        return f"{row[key] / other[key]:.1f}x" if other else "-"
+    def ratio(r, other, key):
+        return f"{r[key] / other[key]:.1f}x" if other else "-"
 
-    lines = ["| block | quantize M/s | dequantize M/s | round trip M/s | quantize vs bnb | dequantize vs bnb "
-             "| round trip vs reference | round-trip time / copy time |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for block_size in sorted({b for _, b in by}):
-        r = by.get((ours, block_size))
-        if r is None:
-            continue
-        b, ref = by.get((rival, block_size)), by.get(("reference (numpy)", block_size))
-        cells = [str(block_size), f"{r['quantize_per_s'] / 1e6:.0f}", f"{r['dequantize_per_s'] / 1e6:.0f}",
+    def row(ours, block_size, r):
+        b, ref = by.get((f"bitsandbytes {device}", block_size)), by.get(("reference (numpy)", block_size))
+        cells = [ours, str(block_size), f"{r['quantize_per_s'] / 1e6:.0f}", f"{r['dequantize_per_s'] / 1e6:.0f}",
                  f"{r['round_trip_per_s'] / 1e6:.0f}", ratio(r, b, "quantize_per_s"),
                  ratio(r, b, "dequantize_per_s"), ratio(r, ref, "round_trip_per_s"),
                  f"{(1 / r['round_trip_per_s']) / copy_seconds_per_element:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        return "| " + " | ".join(cells) + " |"
+
+    lines = ["| quantlab | block | quantize M/s | dequantize M/s | round trip M/s | quantize vs bnb "
+             "| dequantize vs bnb | round trip vs reference | round-trip time / copy time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    block_sizes = sorted({b for _, b in by})
+    for ours in sorted({impl for impl, _ in by if impl.startswith("quantlab")}):
+        for block_size in block_sizes:
+            r = by.get((ours, block_size))
+            if r is not None:
+                lines.append(row(ours, block_size, r))
     copies = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in result["copy_bytes_per_s"].items())
     lines.append(f"\nMemory copy (read + write bytes counted): {copies}.")
     return "\n".join(lines)

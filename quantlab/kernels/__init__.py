@@ -55,13 +55,24 @@ def _raise_if_nonfinite(absmax: np.ndarray) -> None:
 
 # --- CPU ------------------------------------------------------------------------------------------
 
-def _quantize_cpu(x32: np.ndarray, code: Code, block_size: int, noise):
+def _check_out(array, dtype, size: int, what: str):
+    """A caller-supplied output buffer: right dtype and size, contiguous; returned flat."""
+    if array.dtype != dtype or array.size != size or not array.flags.c_contiguous:
+        raise ValueError(f"out {what} must be a contiguous {np.dtype(dtype).name} array of {size} elements, "
+                         f"got {array.dtype} with shape {array.shape}")
+    return array.reshape(-1)
+
+
+def _quantize_cpu(x32: np.ndarray, code: Code, block_size: int, noise, out=None):
     from . import cpu
 
     nearest, floor = search_tables(code)
     flat = x32.reshape(-1)
-    q = np.empty(flat.size, np.uint8)
-    absmax = np.empty(reference.num_blocks(flat.size, block_size), np.float32)
+    nb = reference.num_blocks(flat.size, block_size)
+    if out is None:
+        q, absmax = np.empty(flat.size, np.uint8), np.empty(nb, np.float32)
+    else:
+        q, absmax = _check_out(out[0], np.uint8, flat.size, "q"), _check_out(out[1], np.float32, nb, "absmax")
     if noise is None:
         cpu.quantize_blockwise(flat, flat.view(np.int32), block_size, *_table_args(nearest),
                                code.zero_index, q, absmax)
@@ -72,10 +83,10 @@ def _quantize_cpu(x32: np.ndarray, code: Code, block_size: int, noise):
     return q.reshape(x32.shape), absmax
 
 
-def _dequantize_cpu(q: np.ndarray, absmax: np.ndarray, code: Code, block_size: int) -> np.ndarray:
+def _dequantize_cpu(q: np.ndarray, absmax: np.ndarray, code: Code, block_size: int, out=None) -> np.ndarray:
     from . import cpu
 
-    out = np.empty(q.size, np.float32)
+    out = np.empty(q.size, np.float32) if out is None else _check_out(out, np.float32, q.size, "")
     cpu.dequantize_blockwise(q.reshape(-1), absmax, code.values, block_size, out)
     return out.reshape(q.shape)
 
@@ -146,27 +157,31 @@ def _dequantize_cuda(q, absmax, code: Code, block_size: int, out):
 # --- public API -----------------------------------------------------------------------------------
 
 def quantize_blockwise(x, code: Code, block_size: int = 256, noise=None, backend: str | None = None,
-                       check_finite: bool = True):
+                       check_finite: bool = True, out=None):
     """Block-wise quantization, bit-identical to ``quantlab.reference.quantize_blockwise``.
 
     Returns ``(q, absmax)`` of x's array type and device: uint8 indices shaped like ``x`` and one
     float32 absmax per block. ``noise`` (float32 uniform in [0, 1), shaped like x) selects
-    stochastic rounding.
+    stochastic rounding. ``out=(q, absmax)`` writes into existing contiguous buffers of x's type
+    and device instead of allocating (CPU and CUDA backends; they may be written to before a
+    non-finite input raises).
     """
     code = reference.check_code(code)
     block_size = reference.check_block_size(block_size)
     backend = _resolve_backend(x, backend)
     if _is_torch(x):
-        return _quantize_torch(x, code, block_size, noise, backend, check_finite)
+        return _quantize_torch(x, code, block_size, noise, backend, check_finite, out)
     x32 = reference.as_float32(x, check_finite=False)
     if x32.size == 0:
         raise ValueError("cannot quantize an empty array")
     if noise is not None:
         noise = reference.check_noise(noise, x32.shape)
+    if backend == "cpu":
+        return _quantize_cpu(x32, code, block_size, noise, out)
+    if out is not None:
+        raise ValueError(f"out= is supported by the cpu backend for host arrays, not by {backend!r}")
     if backend == "reference":
         return reference.quantize_blockwise(x32, code, block_size, noise)
-    if backend == "cpu":
-        return _quantize_cpu(x32, code, block_size, noise)
     from numba import cuda
 
     q = cuda.device_array(x32.size, np.uint8)
@@ -178,19 +193,24 @@ def quantize_blockwise(x, code: Code, block_size: int = 256, noise=None, backend
     return q.copy_to_host().reshape(x32.shape), absmax
 
 
-def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256, backend: str | None = None):
-    """``code.values[q] * absmax[block]`` in float32, shaped like ``q``; bit-identical to the reference."""
+def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256, backend: str | None = None, out=None):
+    """``code.values[q] * absmax[block]`` in float32, shaped like ``q``; bit-identical to the reference.
+
+    ``out``: an existing contiguous float32 buffer of q's size, type and device to write into.
+    """
     code = reference.check_code(code)
     block_size = reference.check_block_size(block_size)
     backend = _resolve_backend(q, backend)
     if _is_torch(q):
-        return _dequantize_torch(q, absmax, code, block_size, backend)
+        return _dequantize_torch(q, absmax, code, block_size, backend, out)
     q = np.ascontiguousarray(reference.check_indices(q, code))
     absmax = np.ascontiguousarray(reference.check_absmax(absmax, q.size, block_size))
+    if backend == "cpu":
+        return _dequantize_cpu(q, absmax, code, block_size, out)
+    if out is not None:
+        raise ValueError(f"out= is supported by the cpu backend for host arrays, not by {backend!r}")
     if backend == "reference":
         return reference.dequantize_blockwise(q, absmax, code, block_size)
-    if backend == "cpu":
-        return _dequantize_cpu(q, absmax, code, block_size)
     from numba import cuda
 
     out = cuda.device_array(q.size, np.float32)
@@ -200,7 +220,7 @@ def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256, backend: 
 
 # --- torch tensors --------------------------------------------------------------------------------
 
-def _quantize_torch(x, code, block_size, noise, backend, check_finite):
+def _quantize_torch(x, code, block_size, noise, backend, check_finite, out):
     import torch
 
     x32 = _torch_to_float32(x)
@@ -210,14 +230,27 @@ def _quantize_torch(x, code, block_size, noise, backend, check_finite):
         if not _is_torch(noise) or noise.dtype != torch.float32 or noise.shape != x.shape:
             raise ValueError("noise must be a float32 tensor shaped like x")
         noise = noise.detach().to(x.device).contiguous()
+    if out is not None and (not all(_is_torch(o) and o.device == x.device for o in out)):
+        raise ValueError("out must be a pair of tensors on x's device")
     if backend != "cuda" or not x.is_cuda:
+        if out is not None and x.is_cuda:
+            raise ValueError("out= with CUDA tensors needs the cuda backend")
         q, absmax = quantize_blockwise(x32.cpu().numpy(), code, block_size,
-                                       None if noise is None else noise.cpu().numpy(), backend)
-        return torch.from_numpy(q).to(x.device), torch.from_numpy(absmax).to(x.device)
+                                       None if noise is None else noise.cpu().numpy(), backend,
+                                       out=None if out is None else (out[0].numpy(), out[1].numpy()))
+        return (out if out is not None else
+                (torch.from_numpy(q).to(x.device), torch.from_numpy(absmax).to(x.device)))
     from numba import cuda
 
-    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(reference.num_blocks(x.numel(), block_size), dtype=torch.float32, device=x.device)
+    nb = reference.num_blocks(x.numel(), block_size)
+    if out is None:
+        q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
+    else:
+        q, absmax = out
+        if (q.dtype != torch.uint8 or q.numel() != x.numel() or not q.is_contiguous() or absmax.dtype != torch.float32
+                or absmax.numel() != nb or not absmax.is_contiguous()):
+            raise ValueError(f"out must be contiguous uint8 ({x.numel()}) and float32 ({nb}) tensors")
     _quantize_cuda(cuda.as_cuda_array(x32.reshape(-1)), code, block_size,
                    None if noise is None else cuda.as_cuda_array(noise.reshape(-1)),
                    cuda.as_cuda_array(q.reshape(-1)), cuda.as_cuda_array(absmax))
@@ -226,15 +259,19 @@ def _quantize_torch(x, code, block_size, noise, backend, check_finite):
     return q, absmax
 
 
-def _dequantize_torch(q, absmax, code, block_size, backend):
+def _dequantize_torch(q, absmax, code, block_size, backend, out):
     import torch
 
     if not _is_torch(absmax) or absmax.device != q.device:
         raise TypeError("q and absmax must be torch tensors on the same device")
+    if out is not None and (not _is_torch(out) or out.device != q.device):
+        raise ValueError("out must be a tensor on q's device")
     if backend != "cuda" or not q.is_cuda:
-        out = dequantize_blockwise(q.detach().cpu().numpy(), absmax.detach().cpu().numpy(), code,
-                                   block_size, backend)
-        return torch.from_numpy(out).to(q.device)
+        if out is not None and q.is_cuda:
+            raise ValueError("out= with CUDA tensors needs the cuda backend")
+        values = dequantize_blockwise(q.detach().cpu().numpy(), absmax.detach().cpu().numpy(), code,
+                                      block_size, backend, out=None if out is None else out.numpy())
+        return out if out is not None else torch.from_numpy(values).to(q.device)
     from numba import cuda
 
     if q.dtype != torch.uint8 or absmax.dtype != torch.float32 or absmax.dim() != 1:
@@ -243,7 +280,10 @@ def _dequantize_torch(q, absmax, code, block_size, backend):
         raise ValueError(f"absmax has {absmax.numel()} entries; {q.numel()} elements in blocks of "
                          f"{block_size} need {reference.num_blocks(q.numel(), block_size)}")
     q, absmax = q.contiguous(), absmax.contiguous()
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    elif out.dtype != torch.float32 or out.numel() != q.numel() or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of {q.numel()} elements")
     _dequantize_cuda(cuda.as_cuda_array(q.reshape(-1)), cuda.as_cuda_array(absmax), code, block_size,
                      cuda.as_cuda_array(out.reshape(-1)))
     return out

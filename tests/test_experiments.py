@@ -1,0 +1,25 @@
+"""Smoke runs of the scripts behind `make demo` and `make bench`, at tiny sizes."""
+import json
+
+from experiments import bench_quantize, quantization_report
+
+
+def test_quantization_report_writes_table_data_and_figure(tmp_path):
+    rows = quantization_report.main(["--n", "4096", "--out", str(tmp_path)])
+    for name in ("report.md", "report.csv", "report.json", "relative_error.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert {r["data"] for r in rows} == {"normal", "heavy-tailed t(2)", "Adam m", "Adam v"}
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert len(saved) == len(rows)
+    # block-wise quantization never loses to one block for the whole tensor with the dynamic map
+    dynamic = {r["block_size"]: r["relative_error"] for r in rows
+               if r["data"] == "heavy-tailed t(2)" and r["code"] == "dynamic8-signed"}
+    assert dynamic[64] < dynamic["tensor"]
+
+
+def test_benchmark_runs_and_records_ratios(tmp_path):
+    result = bench_quantize.main(["--n", "5000", "--block-sizes", "256", "--repeats", "1", "--out", str(tmp_path)])
+    impls = {r["impl"] for r in result["rows"]}
+    assert {"reference (numpy)", "quantlab cpu", "quantlab cpu, out="} <= impls
+    assert "vs bnb" in (tmp_path / "cpu.md").read_text()
+    assert json.loads((tmp_path / "cpu.json").read_text())["environment"]["numba"]
