@@ -14,6 +14,8 @@ always returns float32.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .codes import Code
@@ -145,3 +147,48 @@ def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256) -> np.nda
     absmax = check_absmax(absmax, q.size, block_size)
     block_of_element = np.arange(q.size, dtype=np.int64) // block_size
     return (code.values[q.reshape(-1)] * absmax[block_of_element]).reshape(q.shape)
+
+
+# --- optimizer steps ------------------------------------------------------------------------------
+
+def adam_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                         decoupled: bool, step: int) -> np.ndarray:
+    """The float32 constants of one Adam (L2 decay) or AdamW (decoupled decay) step.
+
+    Computed in float64 and rounded once, as torch.optim does with its Python-float scalars.
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return np.array([
+        0.0 if decoupled else weight_decay,       # L2 decay added to the gradient
+        1 - lr * weight_decay if decoupled else 1.0,  # decoupled decay factor of the parameter
+        1 - beta1, beta2, 1 - beta2,
+        math.sqrt(bias_correction2), eps,
+        -lr / bias_correction1,
+    ], dtype=np.float32)
+
+
+def adam_update(p, g, m, v, hyper):
+    """Element-wise Adam/AdamW update in float32, in torch.optim.Adam's order of operations.
+
+    torch's CPU kernels fuse some of these multiply-adds (lerp, addcmul); quantlab rounds every
+    operation separately, so that NumPy, Numba and CUDA agree bit for bit (see the README).
+    """
+    p, g, m, v = (np.asarray(a, dtype=np.float32) for a in (p, g, m, v))
+    g = g + hyper[0] * p
+    p = p * hyper[1]
+    m = m + hyper[2] * (g - m)
+    v = v * hyper[3] + (hyper[4] * g) * g
+    denom = np.sqrt(v) / hyper[5] + hyper[6]
+    p = p + (hyper[7] * m) / denom
+    return p, m, v
+
+
+def adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, signed_code: Code,
+                   unsigned_code: Code, block_size: int):
+    """One Adam step with block-wise 8-bit states: dequantize m (signed code) and v (unsigned
+    code), update in float32, requantize. Returns new (param, m_q, m_absmax, v_q, v_absmax)."""
+    m = dequantize_blockwise(m_q, m_absmax, signed_code, block_size)
+    v = dequantize_blockwise(v_q, v_absmax, unsigned_code, block_size)
+    param, m, v = adam_update(param, grad, m, v, hyper)
+    return (param, *quantize_blockwise(m, signed_code, block_size), *quantize_blockwise(v, unsigned_code, block_size))

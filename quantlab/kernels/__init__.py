@@ -74,11 +74,10 @@ def _quantize_cpu(x32: np.ndarray, code: Code, block_size: int, noise, out=None)
     else:
         q, absmax = _check_out(out[0], np.uint8, flat.size, "q"), _check_out(out[1], np.float32, nb, "absmax")
     if noise is None:
-        cpu.quantize_blockwise(flat, flat.view(np.int32), block_size, *_table_args(nearest),
-                               code.zero_index, q, absmax)
+        cpu.quantize_blockwise(flat, flat.view(np.int32), block_size, nearest.args(), code.zero_index, q, absmax)
     else:
         cpu.quantize_blockwise_stochastic(flat, flat.view(np.int32), noise.reshape(-1), block_size,
-                                          *_table_args(floor), code.values, code.zero_index, q, absmax)
+                                          floor.args(), code.values, code.zero_index, q, absmax)
     _raise_if_nonfinite(absmax)
     return q.reshape(x32.shape), absmax
 
@@ -89,10 +88,6 @@ def _dequantize_cpu(q: np.ndarray, absmax: np.ndarray, code: Code, block_size: i
     out = np.empty(q.size, np.float32) if out is None else _check_out(out, np.float32, q.size, "")
     cpu.dequantize_blockwise(q.reshape(-1), absmax, code.values, block_size, out)
     return out.reshape(q.shape)
-
-
-def _table_args(t: SearchTable):
-    return t.table, t.points, t.shift, t.bias
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

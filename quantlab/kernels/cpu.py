@@ -26,14 +26,21 @@ def _float_of_bits(b):
 maths = compile_scalar_maths(_jit, _float_of_bits)
 _block_bounds, _search = maths.block_bounds, maths.search
 _round_up, _absmax_of_bits = maths.stochastic_round_up, maths.absmax_of_bits
+_adam_update = maths.adam_update
+
+
+@_jit
+def _block_absmax_bits(bits):
+    largest = 0
+    for i in range(bits.size):
+        largest = max(largest, bits[i] & MAGNITUDE_BITS)
+    return largest
 
 
 @_jit
 def _block_absmax(bits):
     """(absmax, finite) of a block from its int32 bit patterns."""
-    largest = 0
-    for i in range(bits.size):
-        largest = max(largest, bits[i] & MAGNITUDE_BITS)
+    largest = _block_absmax_bits(bits)
     return _absmax_of_bits(largest), largest < INF_BITS
 
 
@@ -42,27 +49,33 @@ def _float_bits(u):
     return np.float32(u).view(np.int32)
 
 
+@_jit
+def _quantize_block(xb, xb_bits, qb, search_table, zero_index):
+    """Nearest-round one block into qb; returns its absmax (Inf or NaN when the block is not finite)."""
+    table, points, shift, bias = search_table
+    scale, finite = _block_absmax(xb_bits)
+    if scale == 0 or not finite:
+        qb[:] = zero_index
+        return scale
+    for i in range(xb.size):
+        u = xb[i] / scale
+        qb[i] = _search(u, _float_bits(u), table, points, shift, bias)
+    return scale
+
+
 @numba.njit(parallel=True, cache=True)
-def quantize_blockwise(x, x_bits, block_size, table, points, shift, bias, zero_index, q, absmax):
-    """Nearest rounding. x: float32[n], x_bits: the same memory as int32[n]; writes q, absmax."""
+def quantize_blockwise(x, x_bits, block_size, search_table, zero_index, q, absmax):
+    """Nearest rounding. x: float32[n], x_bits: the same memory as int32[n]; writes q, absmax.
+    search_table: (table, points, shift, bias) of the code's midpoints (lookup.py)."""
     for block in prange(absmax.size):
         start, end = _block_bounds(block, block_size, x.size)
-        qb = q[start:end]
-        scale, finite = _block_absmax(x_bits[start:end])
-        absmax[block] = scale
-        if scale == 0 or not finite:
-            qb[:] = zero_index
-            continue
-        xb = x[start:end]
-        for i in range(xb.size):
-            u = xb[i] / scale
-            qb[i] = _search(u, _float_bits(u), table, points, shift, bias)
+        absmax[block] = _quantize_block(x[start:end], x_bits[start:end], q[start:end], search_table, zero_index)
 
 
 @numba.njit(parallel=True, cache=True)
-def quantize_blockwise_stochastic(x, x_bits, noise, block_size, table, points, shift, bias,
-                                  values, zero_index, q, absmax):
-    """Stochastic rounding with explicit uniform noise; ``table``/``points`` are the floor search."""
+def quantize_blockwise_stochastic(x, x_bits, noise, block_size, search_table, values, zero_index, q, absmax):
+    """Stochastic rounding with explicit uniform noise; search_table is the floor search."""
+    table, points, shift, bias = search_table
     for block in prange(absmax.size):
         start, end = _block_bounds(block, block_size, x.size)
         qb, nb = q[start:end], noise[start:end]
@@ -86,6 +99,42 @@ def dequantize_blockwise(q, absmax, values, block_size, out):
         scale = absmax[block]
         for i in range(qb.size):
             ob[i] = values[qb[i]] * scale
+
+
+@numba.njit(parallel=True, cache=True)
+def largest_magnitude_bits(x_bits, chunk=1 << 16):
+    """max |x| as int32 bits over an array (>= INF_BITS when it holds NaN or Inf)."""
+    chunks = (x_bits.size + chunk - 1) // chunk
+    partial = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        start, end = _block_bounds(c, chunk, x_bits.size)
+        partial[c] = _block_absmax_bits(x_bits[start:end])
+    return partial.max() if chunks else 0
+
+
+@numba.njit(parallel=True, cache=True)
+def adam_step_32bit(param, grad, m, v, hyper):
+    """Adam/AdamW with float32 states, in place."""
+    for i in prange(param.size):
+        param[i], m[i], v[i] = _adam_update(param[i], grad[i], m[i], v[i], hyper)
+
+
+@numba.njit(parallel=True, cache=True)
+def adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, block_size,
+                   m_values, m_search, m_zero, v_values, v_search, v_zero):
+    """Adam/AdamW with block-wise 8-bit states, in place, one pass per block: dequantize m and v
+    into block-sized buffers, update them and the parameter in float32, requantize."""
+    for block in prange(m_absmax.size):
+        start, end = _block_bounds(block, block_size, param.size)
+        pb, gb, mqb, vqb = param[start:end], grad[start:end], m_q[start:end], v_q[start:end]
+        m_scale, v_scale = m_absmax[block], v_absmax[block]
+        m = np.empty(pb.size, np.float32)
+        v = np.empty(pb.size, np.float32)
+        for i in range(pb.size):
+            pb[i], m[i], v[i] = _adam_update(pb[i], gb[i], m_values[mqb[i]] * m_scale,
+                                             v_values[vqb[i]] * v_scale, hyper)
+        m_absmax[block] = _quantize_block(m, m.view(np.int32), mqb, m_search, m_zero)
+        v_absmax[block] = _quantize_block(v, v.view(np.int32), vqb, v_search, v_zero)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -52,6 +52,10 @@ class SearchTable:
     shift: int
     bias: int  # bucket = (key + bias) >> shift, never negative for -1 <= u <= 1
 
+    def args(self) -> tuple:
+        """What the kernels take: (table, points, shift, bias)."""
+        return self.table, self.points, self.shift, self.bias
+
     def index(self, u) -> np.ndarray:
         """count(points < u) via the table (NumPy), for checking the kernels' search."""
         u = np.asarray(u, dtype=np.float32)

@@ -6,6 +6,7 @@ Indices are unsigned 64-bit: no negative-index handling in the hot loop, no over
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,5 +42,21 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
     def absmax_of_bits(largest_magnitude_bits):
         return float_of_bits(np.int32(largest_magnitude_bits))
 
+    @jit
+    def adam_update(p, g, m, v, hyper):
+        """One Adam/AdamW element update in float32, in torch.optim.Adam's order of operations.
+
+        hyper (float32, see reference.adam_hyperparameters): L2 decay, decoupled decay factor,
+        1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, -lr / bias correction 1.
+        """
+        g = g + hyper[0] * p
+        p = p * hyper[1]
+        m = m + hyper[2] * (g - m)
+        v = v * hyper[3] + (hyper[4] * g) * g
+        denom = math.sqrt(v) / hyper[5] + hyper[6]
+        p = p + (hyper[7] * m) / denom
+        return p, m, v
+
     return SimpleNamespace(block_bounds=block_bounds, search=search,
-                           stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits)
+                           stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits,
+                           adam_update=adam_update)
