@@ -51,15 +51,21 @@ def _float_bits(u):
 
 @_jit
 def _quantize_block(xb, xb_bits, qb, search_table, zero_index):
-    """Nearest-round one block into qb; returns its absmax (Inf or NaN when the block is not finite)."""
+    """Nearest-round one block into qb; returns its absmax (Inf or NaN when the block is not finite).
+
+    The divisions run as their own loop, which vectorises; the table search stays scalar (LLVM does
+    not vectorise its two gathers here), so keeping divisions out of it matters."""
     table, points, shift, bias = search_table
     scale, finite = _block_absmax(xb_bits)
     if scale == 0 or not finite:
         qb[:] = zero_index
         return scale
+    u = np.empty(xb.size, np.float32)
     for i in range(xb.size):
-        u = xb[i] / scale
-        qb[i] = _search(u, _float_bits(u), table, points, shift, bias)
+        u[i] = xb[i] / scale
+    u_bits = u.view(np.int32)
+    for i in range(xb.size):
+        qb[i] = _search(u[i], u_bits[i], table, points, shift, bias)
     return scale
 
 
@@ -130,9 +136,11 @@ def adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, block_size,
         m_scale, v_scale = m_absmax[block], v_absmax[block]
         m = np.empty(pb.size, np.float32)
         v = np.empty(pb.size, np.float32)
+        for i in range(pb.size):  # the table look-ups, apart so that the update below vectorises
+            m[i] = m_values[mqb[i]] * m_scale
+            v[i] = v_values[vqb[i]] * v_scale
         for i in range(pb.size):
-            pb[i], m[i], v[i] = _adam_update(pb[i], gb[i], m_values[mqb[i]] * m_scale,
-                                             v_values[vqb[i]] * v_scale, hyper)
+            pb[i], m[i], v[i] = _adam_update(pb[i], gb[i], m[i], v[i], hyper)
         m_absmax[block] = _quantize_block(m, m.view(np.int32), mqb, m_search, m_zero)
         v_absmax[block] = _quantize_block(v, v.view(np.int32), vqb, v_search, v_zero)
 
