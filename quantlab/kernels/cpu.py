@@ -58,7 +58,11 @@ def _quantize_block(xb, xb_bits, qb, search_table, zero_index):
     table, points, shift, bias = search_table
     scale, finite = _block_absmax(xb_bits)
     if scale == 0 or not finite:
-        qb[:] = zero_index
+        # An explicit loop, not ``qb[:] = zero_index``: Numba's parallel pass turns that slice
+        # assignment into a parfor, and in adam_step_8bit (two inlined calls in one prange body)
+        # the second call's fill was dropped, leaving an all-zero v block's old indices.
+        for i in range(qb.size):
+            qb[i] = zero_index
         return scale
     u = np.empty(xb.size, np.float32)
     for i in range(xb.size):
@@ -88,7 +92,8 @@ def quantize_blockwise_stochastic(x, x_bits, noise, block_size, search_table, va
         scale, finite = _block_absmax(x_bits[start:end])
         absmax[block] = scale
         if scale == 0 or not finite:
-            qb[:] = zero_index
+            for i in range(qb.size):  # not qb[:] = ...: see _quantize_block
+                qb[i] = zero_index
             continue
         xb = x[start:end]
         for i in range(xb.size):

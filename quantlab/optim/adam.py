@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..codes import dynamic_code
+from ..codes import Code, dynamic_code
 from ..kernels import cpu
 from ..kernels.lookup import search_tables
 from .optimizer import (STATE_OPTIONS, check_param, check_state_options, flat_numpy, gradients_finite,
@@ -80,6 +80,38 @@ class Adam(torch.optim.Optimizer):
         for p, options in work:
             self._update(p, options)
         return loss
+
+    def state_dict(self):
+        """torch's state dict, with each Code in the param groups as plain data (name, bits, values
+        tensor), so that ``torch.load(..., weights_only=True)`` (torch's default) reads it."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in ("signed_code", "unsigned_code"):
+                code = group[key]
+                group[key] = {"name": code.name, "bits": code.bits, "values": torch.from_numpy(code.values.copy())}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict casts every state tensor to its parameter's dtype (uint8 code
+        indices would become float32) and rebuilds every iterable from its items (the code names
+        in ``state["format"]`` would become the repr of a generator): restore both as saved."""
+        state_dict = {**state_dict, "param_groups": [
+            {**g, **{key: Code(g[key]["values"].numpy(), g[key]["name"], g[key]["bits"])
+                     for key in ("signed_code", "unsigned_code") if isinstance(g[key], dict)}}
+            for g in state_dict["param_groups"]]}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_states = [state_dict["state"].get(i) for i in saved_ids]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, saved in zip(params, saved_states):
+            if saved is None:
+                continue
+            state = self.state[p]
+            if "format" in saved:
+                state["format"] = tuple(saved["format"])
+            for key in ("exp_avg_q", "exp_avg_sq_q"):
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=torch.uint8)
 
     def _state_format(self, p, options) -> tuple:
         eight_bit = options["state_bits"] == 8 and p.numel() >= options["min_8bit_size"]
