@@ -21,6 +21,7 @@ test-slow: install-dev
 
 bench: install-dev
 	$(PYTHON) -m experiments.bench_quantize --out results/bench_quantize
+	$(PYTHON) -m experiments.bench_optim --out results/bench_optim
 
 gpu-check: install-dev
 	bash experiments/gpu_check.sh

@@ -93,8 +93,16 @@ def optimizers(include_torchao: bool):
     return makers
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes; a tensor subclass (torchao's 8-bit state) counts the tensors it is made of."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+    return sum(tensor_bytes(v) for s in optimizer.state.values() for v in s.values()
                if isinstance(v, torch.Tensor) and v.numel() > 1)
 
 
