@@ -28,7 +28,8 @@ def as_float32(x, what: str = "x", check_finite: bool = True) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.name not in ACCEPTED_FLOAT_DTYPES:
         raise TypeError(f"{what} must be one of {', '.join(ACCEPTED_FLOAT_DTYPES)}, got {x.dtype}")
-    x32 = x.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # values beyond float32's range become Inf, rejected below
+        x32 = x.astype(np.float32, copy=False)
     if check_finite and not np.all(np.isfinite(x32)):
         raise ValueError(f"{what} contains NaN or Inf (after conversion to float32)")
     return x32
