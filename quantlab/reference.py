@@ -185,11 +185,43 @@ def adam_update(p, g, m, v, hyper):
     return p, m, v
 
 
-def adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, signed_code: Code,
-                   unsigned_code: Code, block_size: int):
-    """One Adam step with block-wise 8-bit states: dequantize m (signed code) and v (unsigned
-    code), update in float32, requantize. Returns new (param, m_q, m_absmax, v_q, v_absmax)."""
-    m = dequantize_blockwise(m_q, m_absmax, signed_code, block_size)
-    v = dequantize_blockwise(v_q, v_absmax, unsigned_code, block_size)
-    param, m, v = adam_update(param, grad, m, v, hyper)
-    return (param, *quantize_blockwise(m, signed_code, block_size), *quantize_blockwise(v, unsigned_code, block_size))
+def sgd_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                        step: int) -> np.ndarray:
+    """The float32 constants of one SGD step; at the first step torch copies the gradient into the
+    momentum buffer, which buffer * 0 + 1 * gradient reproduces."""
+    first = step == 1
+    return np.array([weight_decay, 0.0 if first else momentum, 1.0 if first else 1 - dampening,
+                     1.0 if nesterov else 0.0, momentum, -lr], dtype=np.float32)
+
+
+def sgd_update(p, g, buf, hyper):
+    """SGD with momentum (torch.optim.SGD's order of operations; buf is the momentum buffer)."""
+    p, g, buf = (np.asarray(a, dtype=np.float32) for a in (p, g, buf))
+    g = g + hyper[0] * p
+    buf = buf * hyper[1] + hyper[2] * g
+    g = g + hyper[4] * buf if hyper[3] != 0 else buf
+    return p + hyper[5] * g, buf
+
+
+def lion_hyperparameters(lr: float, beta1: float, beta2: float, weight_decay: float) -> np.ndarray:
+    return np.array([1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr], dtype=np.float32)
+
+
+def lion_update(p, g, m, hyper):
+    """Lion (Chen et al. 2023, Algorithm 2): decoupled decay, the sign of an interpolation of m and g
+    as the step, then m moves towards g."""
+    p, g, m = (np.asarray(a, dtype=np.float32) for a in (p, g, m))
+    p = p * hyper[0]
+    c = m + hyper[1] * (g - m)
+    p = p + hyper[3] * np.sign(c).astype(np.float32)
+    m = m + hyper[2] * (g - m)
+    return p, m
+
+
+def step_8bit(update, param, grad, quantized_states, codes, block_size: int, hyper):
+    """One optimizer step with block-wise 8-bit states: dequantize each state (q, absmax) with its
+    code, apply ``update(param, grad, *states, hyper)`` in float32, requantize.
+    Returns (param, [(q, absmax), ...])."""
+    states = [dequantize_blockwise(q, absmax, code, block_size) for (q, absmax), code in zip(quantized_states, codes)]
+    param, *states = update(param, grad, *states, hyper)
+    return param, [quantize_blockwise(x, code, block_size) for x, code in zip(states, codes)]

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import quantlab as ql
-from quantlab import kernels
+from quantlab import kernels, reference
 
 SHIPPED_CODES = (
     [ql.dynamic_code(signed, bits) for signed in (True, False) for bits in range(2, 9)]
@@ -49,3 +49,10 @@ def assert_matches_reference(x, code, block_size, backend, noise=None):
     ref_values = ql.dequantize_blockwise(ref_q, ref_absmax, code, block_size)
     assert values.dtype == np.float32 and values.shape == np.shape(x)
     np.testing.assert_array_equal(values.view(np.uint32), ref_values.view(np.uint32))
+
+
+def reference_adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, signed, unsigned, block_size):
+    """reference.step_8bit for Adam, flattened to (param, m_q, m_absmax, v_q, v_absmax)."""
+    param, ((m_q, m_absmax), (v_q, v_absmax)) = reference.step_8bit(
+        reference.adam_update, param, grad, [(m_q, m_absmax), (v_q, v_absmax)], [signed, unsigned], block_size, hyper)
+    return param, m_q, m_absmax, v_q, v_absmax

@@ -17,6 +17,9 @@ import quantlab.optim as qo
 from quantlab import reference
 from quantlab.codes import dynamic_code, linear_code
 
+from kernel_cases import reference_adam_step_8bit  # noqa: E402
+
+
 EIGHT_BIT_KEYS = {"exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"}
 THIRTY_TWO_BIT_KEYS = {"exp_avg", "exp_avg_sq"}
 
@@ -218,7 +221,7 @@ def test_100_steps_track_torch(ours, theirs, weight_decay):
 @pytest.mark.parametrize("block_size", [64, 256, 1000])
 def test_8bit_steps_are_the_reference_steps(opt_class, block_size):
     """Through the torch optimizer (flat views, step counting, hyperparameters) three 8-bit steps
-    equal reference.adam_step_8bit bit for bit."""
+    equal reference.step_8bit bit for bit."""
     gen = torch.Generator().manual_seed(2)
     p = torch.nn.Parameter(torch.randn(77, 71, generator=gen))  # 5467 elements, last block partial
     kwargs = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.02)
@@ -230,7 +233,7 @@ def test_8bit_steps_are_the_reference_steps(opt_class, block_size):
     for step in range(1, 4):
         p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
-        param, m_q, m_absmax, v_q, v_absmax = reference.adam_step_8bit(
+        param, m_q, m_absmax, v_q, v_absmax = reference_adam_step_8bit(
             param, flat(p.grad), m_q, m_absmax, v_q, v_absmax, hyper(opt_class, step, **kwargs),
             signed, unsigned, block_size)
         state = opt.state[p]
@@ -499,7 +502,7 @@ def test_set_options_after_first_step_converts_state(opt_class):
     p.grad = grads[3]
     opt.step()
     signed, unsigned = dynamic_code(True), dynamic_code(False)
-    expected = reference.adam_step_8bit(param, flat(p.grad), *reference.quantize_blockwise(m, signed, 256),
+    expected = reference_adam_step_8bit(param, flat(p.grad), *reference.quantize_blockwise(m, signed, 256),
                                         *reference.quantize_blockwise(v, unsigned, 256), h[4], signed, unsigned, 256)
     state = opt.state[p]
     assert set(state) == EIGHT_BIT_KEYS | {"step", "format"}

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from quantlab import reference
 from quantlab.codes import dynamic_code, linear_code
-from quantlab.kernels import cpu
+from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 from quantlab.kernels.scalar import INF_BITS
+
+from kernel_cases import reference_adam_step_8bit  # noqa: E402
+
 
 ADAM_8BIT_EXAMPLES = 2000
 ADAM_32BIT_EXAMPLES = 1000
@@ -90,13 +93,13 @@ def test_adam_step_8bit_matches_reference(arrays, hyper, block_size, signed, uns
     param, grad, m, v = arrays
     m_q, m_absmax = reference.quantize_blockwise(m, signed, block_size)
     v_q, v_absmax = reference.quantize_blockwise(v, unsigned, block_size)
-    expected = reference.adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, signed, unsigned,
+    expected = reference_adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, signed, unsigned,
                                         block_size)
 
     p_k, mq_k, ma_k, vq_k, va_k = (a.copy() for a in (param, m_q, m_absmax, v_q, v_absmax))
-    cpu.adam_step_8bit(p_k, grad.copy(), mq_k, ma_k, vq_k, va_k, hyper, block_size,
-                       signed.values, search_tables(signed)[0].args(), signed.zero_index,
-                       unsigned.values, search_tables(unsigned)[0].args(), unsigned.zero_index)
+    cpu.step_8bit(scalar.ADAM, 2, p_k, grad.copy(), hyper, block_size,
+                  mq_k, ma_k, signed.values, search_tables(signed)[0].args(), signed.zero_index,
+                  vq_k, va_k, unsigned.values, search_tables(unsigned)[0].args(), unsigned.zero_index)
 
     for name, actual, exp in zip(("param", "m_q", "m_absmax", "v_q", "v_absmax"),
                                  (p_k, mq_k, ma_k, vq_k, va_k), expected):
@@ -109,7 +112,7 @@ def test_adam_step_32bit_matches_reference(arrays, hyper):
     param, grad, m, v = arrays
     expected = reference.adam_update(param, grad, m, v, hyper)
     p_k, m_k, v_k = param.copy(), m.copy(), v.copy()
-    cpu.adam_step_32bit(p_k, grad.copy(), m_k, v_k, hyper)
+    cpu.step_32bit(scalar.ADAM, 2, p_k, grad.copy(), m_k, v_k, hyper)
     for name, actual, exp in zip(("param", "m", "v"), (p_k, m_k, v_k), expected):
         assert_bits_equal(actual, exp, name)
 

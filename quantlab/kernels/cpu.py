@@ -26,7 +26,7 @@ def _float_of_bits(b):
 maths = compile_scalar_maths(_jit, _float_of_bits)
 _block_bounds, _search = maths.block_bounds, maths.search
 _round_up, _absmax_of_bits = maths.stochastic_round_up, maths.absmax_of_bits
-_adam_update = maths.adam_update
+_update = maths.update
 
 
 @_jit
@@ -124,30 +124,41 @@ def largest_magnitude_bits(x_bits, chunk=1 << 16):
 
 
 @numba.njit(parallel=True, cache=True)
-def adam_step_32bit(param, grad, m, v, hyper):
-    """Adam/AdamW with float32 states, in place."""
+def step_32bit(kind, n_states, param, grad, s1, s2, hyper):
+    """One optimizer step with float32 states (0, 1 or 2 of them), in place."""
     for i in prange(param.size):
-        param[i], m[i], v[i] = _adam_update(param[i], grad[i], m[i], v[i], hyper)
+        a = s1[i] if n_states >= 1 else np.float32(0)
+        b = s2[i] if n_states == 2 else np.float32(0)
+        param[i], a, b = _update(kind, param[i], grad[i], a, b, hyper)
+        if n_states >= 1:
+            s1[i] = a
+        if n_states == 2:
+            s2[i] = b
 
 
 @numba.njit(parallel=True, cache=True)
-def adam_step_8bit(param, grad, m_q, m_absmax, v_q, v_absmax, hyper, block_size,
-                   m_values, m_search, m_zero, v_values, v_search, v_zero):
-    """Adam/AdamW with block-wise 8-bit states, in place, one pass per block: dequantize m and v
-    into block-sized buffers, update them and the parameter in float32, requantize."""
-    for block in prange(m_absmax.size):
+def step_8bit(kind, n_states, param, grad, hyper, block_size, q1, absmax1, values1, search1, zero1,
+              q2, absmax2, values2, search2, zero2):
+    """One optimizer step with 1 or 2 block-wise 8-bit states, in place, one pass per block:
+    dequantize the states into block-sized buffers, update them and the parameter in float32,
+    requantize. With one state, q2/absmax2 are not touched."""
+    for block in prange(absmax1.size):
         start, end = _block_bounds(block, block_size, param.size)
-        pb, gb, mqb, vqb = param[start:end], grad[start:end], m_q[start:end], v_q[start:end]
-        m_scale, v_scale = m_absmax[block], v_absmax[block]
-        m = np.empty(pb.size, np.float32)
-        v = np.empty(pb.size, np.float32)
+        pb, gb, q1b = param[start:end], grad[start:end], q1[start:end]
+        s1 = np.empty(pb.size, np.float32)
+        s2 = np.zeros(pb.size, np.float32)
+        scale1 = absmax1[block]
         for i in range(pb.size):  # the table look-ups, apart so that the update below vectorises
-            m[i] = m_values[mqb[i]] * m_scale
-            v[i] = v_values[vqb[i]] * v_scale
+            s1[i] = values1[q1b[i]] * scale1
+        if n_states == 2:
+            q2b, scale2 = q2[start:end], absmax2[block]
+            for i in range(pb.size):
+                s2[i] = values2[q2b[i]] * scale2
         for i in range(pb.size):
-            pb[i], m[i], v[i] = _adam_update(pb[i], gb[i], m[i], v[i], hyper)
-        m_absmax[block] = _quantize_block(m, m.view(np.int32), mqb, m_search, m_zero)
-        v_absmax[block] = _quantize_block(v, v.view(np.int32), vqb, v_search, v_zero)
+            pb[i], s1[i], s2[i] = _update(kind, pb[i], gb[i], s1[i], s2[i], hyper)
+        absmax1[block] = _quantize_block(s1, s1.view(np.int32), q1b, search1, zero1)
+        if n_states == 2:
+            absmax2[block] = _quantize_block(s2, s2.view(np.int32), q2[start:end], search2, zero2)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -14,6 +14,10 @@ import numpy as np
 MAGNITUDE_BITS = 0x7FFFFFFF
 INF_BITS = 0x7F800000  # |x| bits at or above this are Inf or NaN
 
+# Optimizer kinds of the fused step kernels (quantlab.optim); each update maps
+# (param, grad, state1, state2, hyper) -> (param, state1, state2) in float32.
+ADAM, SGD, LION = 0, 1, 2
+
 
 def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
     @jit
@@ -57,6 +61,44 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
         p = p + (hyper[7] * m) / denom
         return p, m, v
 
+    @jit
+    def sgd_update(p, g, buf, hyper):
+        """SGD with momentum, dampening and Nesterov, in torch.optim.SGD's order of operations.
+
+        hyper: see reference.sgd_hyperparameters.
+        """
+        g = g + hyper[0] * p
+        buf = buf * hyper[1] + hyper[2] * g
+        if hyper[3] != 0:
+            g = g + hyper[4] * buf
+        else:
+            g = buf
+        return p + hyper[5] * g, buf
+
+    @jit
+    def lion_update(p, g, m, hyper):
+        """Lion (Chen et al. 2023): p -= lr * sign(lerp(m, g, 1 - beta1)); m = lerp(m, g, 1 - beta2).
+
+        hyper: see reference.lion_hyperparameters.
+        """
+        p = p * hyper[0]
+        c = m + hyper[1] * (g - m)
+        direction = (c > 0) - (c < 0)
+        p = p + hyper[3] * np.float32(direction)
+        m = m + hyper[2] * (g - m)
+        return p, m
+
+    @jit
+    def update(kind, p, g, s1, s2, hyper):
+        """The update of optimizer ``kind`` (ADAM, SGD, LION); unused states pass through."""
+        if kind == ADAM:
+            return adam_update(p, g, s1, s2, hyper)
+        if kind == SGD:
+            p, s1 = sgd_update(p, g, s1, hyper)
+            return p, s1, s2
+        p, s1 = lion_update(p, g, s1, hyper)
+        return p, s1, s2
+
     return SimpleNamespace(block_bounds=block_bounds, search=search,
                            stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits,
-                           adam_update=adam_update)
+                           update=update)

@@ -1,9 +1,11 @@
 """torch optimizers with block-wise 8-bit states on quantlab's fused kernels (CPU, float32 parameters).
 
-This release has Adam and AdamW; SGD, RMSprop, Adagrad, Lion, LAMB, LARS, CUDA kernels and 16-bit
-parameters are the rest of issue 4.
+This release has Adam, AdamW, SGD (momentum, dampening, Nesterov) and Lion; RMSprop, Adagrad, LAMB,
+LARS, the CUDA step kernels and 16-bit parameters are the rest of issue 4.
 """
 from .adam import Adam, AdamW
-from .optimizer import set_options
+from .lion import Lion
+from .optimizer import BlockwiseOptimizer, set_options
+from .sgd import SGD
 
-__all__ = ["Adam", "AdamW", "set_options"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "BlockwiseOptimizer", "set_options"]

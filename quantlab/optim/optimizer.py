@@ -9,10 +9,13 @@ converted at the next step.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..codes import Code
+from .. import reference
+from ..codes import Code, dynamic_code
 from ..kernels import cpu
+from ..kernels.lookup import search_tables
 from ..kernels.scalar import INF_BITS
 
 STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size")
@@ -80,3 +83,154 @@ def gradients_finite(params) -> bool:
         if cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) >= INF_BITS:
             return False
     return True
+
+
+class BlockwiseOptimizer(torch.optim.Optimizer):
+    """A torch optimizer on quantlab's fused step kernels; subclasses name their update.
+
+    Subclasses set ``kind`` (a kernel kind from quantlab.kernels.scalar) and define
+    ``state_specs(options)`` -> ((state name, signed), ...) and ``hyperparameters(options, step)``
+    -> the float32 constants of their update. Everything else is shared: per-parameter options,
+    the non-finite gradient check, 8-bit or 32-bit states and conversion between them, checkpoints.
+
+    8-bit state: each state block-wise quantized with ``signed_code`` or ``unsigned_code``,
+    ``block_size`` elements a block (1 byte an element plus 4 bytes a block, per state). Parameters
+    with fewer than ``min_8bit_size`` elements, and those marked ``set_options(p, state_bits=32)``,
+    keep float32 states named like torch's.
+    """
+
+    kind: int
+
+    def __init__(self, params, defaults: dict, *, state_bits=8, block_size=256, signed_code=None,
+                 unsigned_code=None, min_8bit_size=4096, skip_nonfinite=False):
+        signed_code = dynamic_code(signed=True) if signed_code is None else signed_code
+        unsigned_code = dynamic_code(signed=False) if unsigned_code is None else unsigned_code
+        check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size)
+        defaults = dict(defaults, state_bits=state_bits, block_size=block_size, signed_code=signed_code,
+                        unsigned_code=unsigned_code, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+
+    def state_specs(self, options: dict) -> tuple:
+        raise NotImplementedError
+
+    def hyperparameters(self, options: dict, step: int) -> np.ndarray:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                check_param(p)
+                options = param_options(p, group)
+                check_state_options(*(options[k] for k in STATE_OPTIONS))
+                work.append((p, options))
+        if not gradients_finite([p for p, _ in work]):
+            if self.skip_nonfinite:
+                self.skipped_steps += 1
+                return loss
+            raise FloatingPointError("a gradient holds NaN or Inf: no parameter or state was changed "
+                                     "(skip_nonfinite=True skips such steps instead)")
+        for p, options in work:
+            self._update(p, options)
+        return loss
+
+    def _state_format(self, p, options) -> tuple:
+        eight_bit = options["state_bits"] == 8 and p.numel() >= options["min_8bit_size"]
+        if not eight_bit or not self.state_specs(options):
+            return (32,)
+        return (8, options["block_size"], options["signed_code"].name, options["unsigned_code"].name)
+
+    def _update(self, p, options):
+        state = self.state[p]
+        specs = self.state_specs(options)
+        wanted = self._state_format(p, options)
+        if not state:
+            state["step"] = 0
+            self._store_states(p, state, wanted, options, [torch.zeros_like(p) for _ in specs])
+        elif state["format"] != wanted:
+            self._store_states(p, state, wanted, options, self._float_states(p, state, options))
+        state["step"] += 1
+        hyper = self.hyperparameters(options, state["step"])
+        param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+        if state["format"][0] == 32:
+            states = [flat_numpy(state[name]) for name, _ in specs]
+            states += [np.zeros(0, np.float32)] * (2 - len(states))
+            cpu.step_32bit(self.kind, len(specs), param, grad, *states, hyper)
+            return
+        per_state = []
+        for name, signed in specs:
+            code = options["signed_code"] if signed else options["unsigned_code"]
+            per_state.append((flat_numpy(state[f"{name}_q"]), state[f"{name}_absmax"].numpy(), code.values,
+                              search_tables(code)[0].args(), code.zero_index))
+        if len(per_state) == 1:  # the kernel's second state slot, left untouched
+            per_state.append((np.zeros(0, np.uint8), np.zeros(0, np.float32), *per_state[0][2:]))
+        cpu.step_8bit(self.kind, len(specs), param, grad, hyper, options["block_size"], *per_state[0], *per_state[1])
+
+    def _store_states(self, p, state, state_format, options, floats):
+        """Keep the states (float32 tensors shaped like p, in state_specs order) in the given format."""
+        for name, _ in self.state_specs(options):
+            for key in (name, f"{name}_q", f"{name}_absmax"):
+                state.pop(key, None)
+        state["format"] = state_format
+        for (name, signed), x in zip(self.state_specs(options), floats):
+            if state_format[0] == 32:
+                state[name] = x.contiguous()
+                continue
+            code = options["signed_code"] if signed else options["unsigned_code"]
+            q, absmax = reference.quantize_blockwise(x.detach().numpy(), code, options["block_size"])
+            state[f"{name}_q"], state[f"{name}_absmax"] = torch.from_numpy(q), torch.from_numpy(absmax)
+
+    def _float_states(self, p, state, options):
+        """The current states as float32 tensors, whatever their stored format."""
+        specs = self.state_specs(options)
+        if state["format"][0] == 32:
+            return [state[name] for name, _ in specs]
+        _, block_size, signed_name, unsigned_name = state["format"]
+        signed, unsigned = options["signed_code"], options["unsigned_code"]
+        if (signed.name, unsigned.name) != (signed_name, unsigned_name):
+            raise ValueError(f"the state of a parameter was quantized with codes {signed_name} / {unsigned_name}, "
+                             f"but its options now name {signed.name} / {unsigned.name}")
+        return [torch.from_numpy(reference.dequantize_blockwise(
+            state[f"{name}_q"].numpy(), state[f"{name}_absmax"].numpy(), signed if is_signed else unsigned,
+            block_size)).view_as(p) for name, is_signed in specs]
+
+    def state_dict(self):
+        """torch's state dict, with each Code in the param groups as plain data (name, bits, values
+        tensor), so that ``torch.load(..., weights_only=True)`` (torch's default) reads it."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in ("signed_code", "unsigned_code"):
+                code = group[key]
+                group[key] = {"name": code.name, "bits": code.bits, "values": torch.from_numpy(code.values.copy())}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict casts every state tensor to its parameter's dtype (uint8 code
+        indices would become float32) and rebuilds every iterable from its items (the code names
+        in ``state["format"]`` would become the repr of a generator): restore both as saved."""
+        state_dict = {**state_dict, "param_groups": [
+            {**g, **{key: Code(g[key]["values"].numpy(), g[key]["name"], g[key]["bits"])
+                     for key in ("signed_code", "unsigned_code") if isinstance(g[key], dict)}}
+            for g in state_dict["param_groups"]]}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_states = [state_dict["state"].get(i) for i in saved_ids]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, saved in zip(params, saved_states):
+            if saved is None:
+                continue
+            state = self.state[p]
+            if "format" in saved:
+                state["format"] = tuple(saved["format"])
+            for key, value in saved.items():
+                if key.endswith("_q"):
+                    state[key] = value.to(device=p.device, dtype=torch.uint8)
