@@ -188,9 +188,10 @@ def adam_update(p, g, m, v, hyper):
 def sgd_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                         step: int) -> np.ndarray:
     """The float32 constants of one SGD step; at the first step torch copies the gradient into the
-    momentum buffer, which buffer * 0 + 1 * gradient reproduces."""
+    momentum buffer, which buffer * 0 + 1 * gradient reproduces. Without momentum torch ignores
+    dampening: the step is the gradient (buffer * 0 + 1 * gradient)."""
     first = step == 1
-    return np.array([weight_decay, 0.0 if first else momentum, 1.0 if first else 1 - dampening,
+    return np.array([weight_decay, 0.0 if first else momentum, 1.0 if first or momentum == 0 else 1 - dampening,
                      1.0 if nesterov else 0.0, momentum, -lr], dtype=np.float32)
 
 

@@ -153,15 +153,18 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         specs = self.state_specs(options)
         wanted = self._state_format(p, options)
-        if not state:
+        if not state or not self._holds_states(state, specs):
+            # The first step, or the first with these states (SGD's momentum set after steps without
+            # it): they start from zeros and the step count from 0, so that SGD's buffer starts as
+            # the gradient, as torch's does.
             state["step"] = 0
             self._store_states(p, state, wanted, options, [torch.zeros_like(p) for _ in specs])
-        elif state["format"] != wanted:
+        elif specs and state["format"] != wanted:
             self._store_states(p, state, wanted, options, self._float_states(p, state, options))
         state["step"] += 1
         hyper = self.hyperparameters(options, state["step"])
         param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-        if state["format"][0] == 32:
+        if not specs or state["format"][0] == 32:  # without states (SGD's momentum 0) any stored ones are kept
             states = [flat_numpy(state[name]) for name, _ in specs]
             states += [np.zeros(0, np.float32)] * (2 - len(states))
             cpu.step_32bit(self.kind, len(specs), param, grad, *states, hyper)
@@ -174,6 +177,10 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         if len(per_state) == 1:  # the kernel's second state slot, left untouched
             per_state.append((np.zeros(0, np.uint8), np.zeros(0, np.float32), *per_state[0][2:]))
         cpu.step_8bit(self.kind, len(specs), param, grad, hyper, options["block_size"], *per_state[0], *per_state[1])
+
+    def _holds_states(self, state, specs) -> bool:
+        suffix = "" if state.get("format", (32,))[0] == 32 else "_q"
+        return all(f"{name}{suffix}" in state for name, _ in specs)
 
     def _store_states(self, p, state, state_format, options, floats):
         """Keep the states (float32 tensors shaped like p, in state_specs order) in the given format."""
