@@ -219,6 +219,50 @@ def lion_update(p, g, m, hyper):
     return p, m
 
 
+def rmsprop_hyperparameters(lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+                            centered: bool) -> np.ndarray:
+    """Mode 0: plain; 1: centred (second state: gradient average); 2: momentum (second state: buffer)."""
+    if centered and momentum:
+        raise ValueError("centred RMSprop with momentum needs three states, which quantlab does not support yet")
+    mode = 1 if centered else 2 if momentum else 0
+    return np.array([weight_decay, alpha, 1 - alpha, eps, mode, momentum, -lr], dtype=np.float32)
+
+
+def rmsprop_update(p, g, square_avg, *other_and_hyper):
+    """RMSprop (torch.optim.RMSprop's order of operations): (p, g, square_avg, [other,] hyper),
+    ``other`` being the centred gradient average or the momentum buffer (modes 1 and 2). The
+    centred variance is clamped at 0: with quantized averages it can come out slightly negative,
+    where torch would take the square root of a negative number."""
+    *others, hyper = other_and_hyper
+    other = others[0] if others else np.zeros_like(square_avg)
+    p, g, square_avg, other = (np.asarray(a, dtype=np.float32) for a in (p, g, square_avg, other))
+    g = g + hyper[0] * p
+    square_avg = square_avg * hyper[1] + (hyper[2] * g) * g
+    if hyper[4] == 1:
+        other = other + hyper[2] * (g - other)
+        avg = np.sqrt(np.maximum(square_avg - other * other, np.float32(0))) + hyper[3]
+    else:
+        avg = np.sqrt(square_avg) + hyper[3]
+    if hyper[4] == 2:
+        other = other * hyper[5] + g / avg
+        p = p + hyper[6] * other
+    else:
+        p = p + (hyper[6] * g) / avg
+    return (p, square_avg, other) if others else (p, square_avg)
+
+
+def adagrad_hyperparameters(lr: float, lr_decay: float, eps: float, weight_decay: float, step: int) -> np.ndarray:
+    return np.array([weight_decay, eps, -lr / (1 + (step - 1) * lr_decay)], dtype=np.float32)
+
+
+def adagrad_update(p, g, state_sum, hyper):
+    """Adagrad (torch.optim.Adagrad's order of operations)."""
+    p, g, state_sum = (np.asarray(a, dtype=np.float32) for a in (p, g, state_sum))
+    g = g + hyper[0] * p
+    state_sum = state_sum + g * g
+    return p + (hyper[2] * g) / (np.sqrt(state_sum) + hyper[1]), state_sum
+
+
 def step_8bit(update, param, grad, quantized_states, codes, block_size: int, hyper):
     """One optimizer step with block-wise 8-bit states: dequantize each state (q, absmax) with its
     code, apply ``update(param, grad, *states, hyper)`` in float32, requantize.

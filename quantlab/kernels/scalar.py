@@ -16,7 +16,7 @@ INF_BITS = 0x7F800000  # |x| bits at or above this are Inf or NaN
 
 # Optimizer kinds of the fused step kernels (quantlab.optim); each update maps
 # (param, grad, state1, state2, hyper) -> (param, state1, state2) in float32.
-ADAM, SGD, LION = 0, 1, 2
+ADAM, SGD, LION, RMSPROP, ADAGRAD = 0, 1, 2, 3, 4
 
 
 def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
@@ -89,14 +89,44 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
         return p, m
 
     @jit
+    def rmsprop_update(p, g, square_avg, other, hyper):
+        """RMSprop in torch.optim.RMSprop's order; ``other`` is the centred gradient average
+        (mode 1) or the momentum buffer (mode 2). hyper: see reference.rmsprop_hyperparameters."""
+        g = g + hyper[0] * p
+        square_avg = square_avg * hyper[1] + (hyper[2] * g) * g
+        if hyper[4] == 1:
+            other = other + hyper[2] * (g - other)
+            # max(., 0): quantized averages can make the centred variance slightly negative
+            avg = math.sqrt(max(square_avg - other * other, np.float32(0))) + hyper[3]
+        else:
+            avg = math.sqrt(square_avg) + hyper[3]
+        if hyper[4] == 2:
+            other = other * hyper[5] + g / avg
+            p = p + hyper[6] * other
+        else:
+            p = p + (hyper[6] * g) / avg
+        return p, square_avg, other
+
+    @jit
+    def adagrad_update(p, g, state_sum, hyper):
+        """Adagrad in torch.optim.Adagrad's order. hyper: weight decay, eps, -lr / (1 + (step-1) lr_decay)."""
+        g = g + hyper[0] * p
+        state_sum = state_sum + g * g
+        return p + (hyper[2] * g) / (math.sqrt(state_sum) + hyper[1]), state_sum
+
+    @jit
     def update(kind, p, g, s1, s2, hyper):
-        """The update of optimizer ``kind`` (ADAM, SGD, LION); unused states pass through."""
+        """The update of optimizer ``kind``; unused states pass through."""
         if kind == ADAM:
             return adam_update(p, g, s1, s2, hyper)
         if kind == SGD:
             p, s1 = sgd_update(p, g, s1, hyper)
-            return p, s1, s2
-        p, s1 = lion_update(p, g, s1, hyper)
+        elif kind == LION:
+            p, s1 = lion_update(p, g, s1, hyper)
+        elif kind == RMSPROP:
+            return rmsprop_update(p, g, s1, s2, hyper)
+        else:
+            p, s1 = adagrad_update(p, g, s1, hyper)
         return p, s1, s2
 
     return SimpleNamespace(block_bounds=block_bounds, search=search,

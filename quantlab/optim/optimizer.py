@@ -118,6 +118,10 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     def hyperparameters(self, options: dict, step: int) -> np.ndarray:
         raise NotImplementedError
 
+    def initial_state(self, p: torch.Tensor, options: dict, name: str) -> torch.Tensor:
+        """A state's value before the first step: zeros, unless the optimizer says otherwise."""
+        return torch.zeros_like(p)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -158,7 +162,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             # it): they start from zeros and the step count from 0, so that SGD's buffer starts as
             # the gradient, as torch's does.
             state["step"] = 0
-            self._store_states(p, state, wanted, options, [torch.zeros_like(p) for _ in specs])
+            self._store_states(p, state, wanted, options, [self.initial_state(p, options, name) for name, _ in specs])
         elif specs and state["format"] != wanted:
             self._store_states(p, state, wanted, options, self._float_states(p, state, options))
         state["step"] += 1
