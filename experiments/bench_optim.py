@@ -132,6 +132,27 @@ def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
     return result
 
 
+def nonfinite_check_cost(make_params, repeats: int) -> dict:
+    """ms of quantlab's gradient check (one integer-max pass) vs torch.isfinite(g).all() per step."""
+    from quantlab.optim.optimizer import gradients_finite
+
+    params = make_params()
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    return {"quantlab_check_ms": timed(lambda: gradients_finite(params)),
+            "torch_isfinite_all_ms": timed(lambda: all(bool(torch.isfinite(p.grad).all()) for p in params))}
+
+
 def table(rows) -> str:
     lines = ["| parameters | optimizer | ms / step | vs torch fused | vs bitsandbytes 8-bit | state B/param "
              "| peak extra B/param during step |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -170,9 +191,14 @@ def main(argv=None):
                   f"{result['state_bytes_per_param']:5.2f} B/param  peak extra "
                   f"{result['peak_extra_bytes_per_param']:6.2f} B/param", flush=True)
     text = table(rows)
+    checks = {case: nonfinite_check_cost(make_params, args.steps)
+              for case, make_params in parameter_sets(args.cases, args.single_size).items()}
+    text += "\n\nNon-finite gradient check per step (ms): " + "; ".join(
+        f"{case}: quantlab {c['quantlab_check_ms']:.2f}, torch.isfinite().all() {c['torch_isfinite_all_ms']:.2f}"
+        for case, c in checks.items())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optim.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    (args.out / "optim.json").write_text(json.dumps({"environment": env, "rows": rows, "nonfinite_check": checks}, indent=2))
     (args.out / "optim.md").write_text(f"environment: {json.dumps(env)}\n\n{text}\n")
     print(f"saved {args.out}/optim.json and optim.md")
     return rows
