@@ -136,6 +136,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 check_param(p)
                 options = param_options(p, group)
                 check_state_options(*(options[k] for k in STATE_OPTIONS))
+                # Raises on option combinations the update refuses (RMSprop's centred with momentum
+                # from a param group or set_options) before any parameter or state is written.
+                self.hyperparameters(options, self.state.get(p, {}).get("step", 0) + 1)
                 work.append((p, options))
         if not gradients_finite([p for p, _ in work]):
             if self.skip_nonfinite:
