@@ -204,6 +204,12 @@ def sgd_update(p, g, buf, hyper):
     return p + hyper[5] * g, buf
 
 
+def lars_hyperparameters(lr: float, momentum: float, weight_decay: float, trust_ratio: float) -> np.ndarray:
+    """LARS as sgd_update's constants: buffer = momentum * buffer + (lr * trust_ratio) * (g + wd * w),
+    then w = w + (-1) * buffer."""
+    return np.array([weight_decay, momentum, lr * trust_ratio, 0.0, momentum, -1.0], dtype=np.float32)
+
+
 def lion_hyperparameters(lr: float, beta1: float, beta2: float, weight_decay: float) -> np.ndarray:
     return np.array([1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr], dtype=np.float32)
 

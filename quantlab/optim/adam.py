@@ -40,7 +40,7 @@ class Adam(BlockwiseOptimizer):
     def state_specs(self, options):
         return (("exp_avg", True), ("exp_avg_sq", False))
 
-    def hyperparameters(self, options, step) -> np.ndarray:
+    def hyperparameters(self, p, options, step) -> np.ndarray:
         beta1, beta2 = options["betas"]
         return reference.adam_hyperparameters(options["lr"], beta1, beta2, options["eps"], options["weight_decay"],
                                               self.decoupled_weight_decay, step)

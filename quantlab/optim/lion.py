@@ -25,5 +25,5 @@ class Lion(BlockwiseOptimizer):
     def state_specs(self, options):
         return (("exp_avg", True),)
 
-    def hyperparameters(self, options, step) -> np.ndarray:
+    def hyperparameters(self, p, options, step) -> np.ndarray:
         return reference.lion_hyperparameters(options["lr"], *options["betas"], options["weight_decay"])

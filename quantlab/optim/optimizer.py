@@ -89,7 +89,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     """A torch optimizer on quantlab's fused step kernels; subclasses name their update.
 
     Subclasses set ``kind`` (a kernel kind from quantlab.kernels.scalar) and define
-    ``state_specs(options)`` -> ((state name, signed), ...) and ``hyperparameters(options, step)``
+    ``state_specs(options)`` -> ((state name, signed), ...) and ``hyperparameters(p, options, step)``
     -> the float32 constants of their update. Everything else is shared: per-parameter options,
     the non-finite gradient check, 8-bit or 32-bit states and conversion between them, checkpoints.
 
@@ -115,7 +115,8 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     def state_specs(self, options: dict) -> tuple:
         raise NotImplementedError
 
-    def hyperparameters(self, options: dict, step: int) -> np.ndarray:
+    def hyperparameters(self, p: torch.Tensor, options: dict, step: int) -> np.ndarray:
+        """The float32 constants of this step's update of p (before p changes)."""
         raise NotImplementedError
 
     def initial_state(self, p: torch.Tensor, options: dict, name: str) -> torch.Tensor:
@@ -138,7 +139,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 check_state_options(*(options[k] for k in STATE_OPTIONS))
                 # Raises on option combinations the update refuses (RMSprop's centred with momentum
                 # from a param group or set_options) before any parameter or state is written.
-                self.hyperparameters(options, self.state.get(p, {}).get("step", 0) + 1)
+                self.hyperparameters(p, options, self.state.get(p, {}).get("step", 0) + 1)
                 work.append((p, options))
         if not gradients_finite([p for p, _ in work]):
             if self.skip_nonfinite:
@@ -169,7 +170,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         elif specs and state["format"] != wanted:
             self._store_states(p, state, wanted, options, self._float_states(p, state, options))
         state["step"] += 1
-        hyper = self.hyperparameters(options, state["step"])
+        hyper = self.hyperparameters(p, options, state["step"])
         param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
         if not specs or state["format"][0] == 32:  # without states (SGD's momentum 0) any stored ones are kept
             states = [flat_numpy(state[name]) for name, _ in specs]

@@ -42,7 +42,7 @@ class RMSprop(BlockwiseOptimizer):
             return (("square_avg", False), ("momentum_buffer", True))
         return (("square_avg", False),)
 
-    def hyperparameters(self, options, step) -> np.ndarray:
+    def hyperparameters(self, p, options, step) -> np.ndarray:
         return reference.rmsprop_hyperparameters(options["lr"], options["alpha"], options["eps"],
                                                  options["weight_decay"], options["momentum"], options["centered"])
 
@@ -76,6 +76,6 @@ class Adagrad(BlockwiseOptimizer):
     def initial_state(self, p, options, name):
         return torch.full_like(p, options["initial_accumulator_value"])
 
-    def hyperparameters(self, options, step) -> np.ndarray:
+    def hyperparameters(self, p, options, step) -> np.ndarray:
         return reference.adagrad_hyperparameters(options["lr"], options["lr_decay"], options["eps"],
                                                  options["weight_decay"], step)

@@ -35,6 +35,6 @@ class SGD(BlockwiseOptimizer):
     def state_specs(self, options):
         return (("momentum_buffer", True),) if options["momentum"] != 0 else ()
 
-    def hyperparameters(self, options, step) -> np.ndarray:
+    def hyperparameters(self, p, options, step) -> np.ndarray:
         return reference.sgd_hyperparameters(options["lr"], options["momentum"], options["dampening"],
                                              options["weight_decay"], options["nesterov"], step)
