@@ -24,12 +24,12 @@ from quantlab.codes import dynamic_code, linear_code
 from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
-from test_optim_adam import (assert_bits_equal, checkpoint_model, checkpoint_steps, flat,  # noqa: E402
-                             relative_deviation, run_fixed_gradients, spread, ulps_apart)
+from test_optim_adam import (assert_8bit_trains_like_32bit, assert_bits_equal, checkpoint_model,  # noqa: E402
+                             checkpoint_steps, flat, relative_deviation, run_fixed_gradients, spread,
+                             ulps_apart)
 from test_optim_kernels import SIGNED_CODES, UNSIGNED_CODES  # noqa: E402
 from test_optim_kernels import spread as spread_np  # noqa: E402
-from test_optim_sgd_lion import (block_sizes, check_step_8bit, check_step_32bit, run_single_tensor,  # noqa: E402
-                                 train_mlp)
+from test_optim_sgd_lion import block_sizes, check_step_8bit, check_step_32bit, run_single_tensor  # noqa: E402
 
 RMSPROP_8BIT_EXAMPLES = 700  # per mode (plain, centred, momentum)
 ADAGRAD_8BIT_EXAMPLES = 800
@@ -707,12 +707,4 @@ def test_adagrad_initial_accumulator_survives_a_checkpoint():
 def test_8bit_trains_a_small_model_like_32bit(name, make, state_key, trained_below, tolerance):
     """MLP 32-256-256-10 on test_optim_adam's synthetic 10-class set, 200 steps, batch 128: the
     8-bit run's final full-data loss is within `tolerance` (relative) of the 32-bit run's."""
-    loss32, _, opt32 = train_mlp(make(32))
-    loss8, model8, opt8 = train_mlp(make(8))
-    print(f"MLP after 200 steps, {name}: 32-bit {loss32:.5f}, 8-bit {loss8:.5f}, "
-          f"gap {(loss8 - loss32) / loss32:+.4%}")
-    big = [p for p in model8.parameters() if p.numel() >= 4096]
-    assert len(big) == 2 and all(f"{state_key}_q" in opt8.state[p] for p in big)  # really 8-bit
-    assert all(state_key in opt32.state[p] for p in opt32.param_groups[0]["params"])
-    assert loss32 < trained_below
-    assert abs(loss8 - loss32) <= tolerance * loss32
+    assert_8bit_trains_like_32bit(name, make, state_key, trained_below, tolerance)

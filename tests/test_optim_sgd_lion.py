@@ -23,8 +23,8 @@ from quantlab.codes import dynamic_code
 from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
-from test_optim_adam import (assert_bits_equal, assert_same_snapshot, checkpoint_model,  # noqa: E402
-                             checkpoint_steps, classification_data, flat, mlp, relative_deviation,
+from test_optim_adam import (assert_8bit_trains_like_32bit, assert_bits_equal, assert_same_snapshot,  # noqa: E402
+                             checkpoint_model, checkpoint_steps, flat, relative_deviation,
                              run_fixed_gradients, snapshot, ulps_apart)
 from test_optim_kernels import SIGNED_CODES  # noqa: E402
 from test_optim_kernels import spread as spread_np  # noqa: E402
@@ -756,22 +756,6 @@ def test_nonfinite_gradient_raises_and_changes_nothing(make, value, index):
 
 # --- a small model ------------------------------------------------------------------------------
 
-def train_mlp(make, steps=200, seed=0):
-    x, y = classification_data(seed)
-    model = mlp(seed)
-    opt = make(model.parameters())
-    gen = torch.Generator().manual_seed(seed + 100)
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (128,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        final = torch.nn.functional.cross_entropy(model(x), y).item()
-    return final, model, opt
-
-
 @pytest.mark.parametrize("name, make, state_key, trained_below, tolerance", [
     # SGD lr 0.05, momentum 0.9: loss 2.3 -> 0.039-0.050 (seeds 0-4); 8-bit minus 32-bit gaps -0.11% ..
     # +0.70% (seed 0: +0.35%); bound 3%, ~4x the largest. (At lr 0.1 the runs are chaotic: +-30%.)
@@ -785,12 +769,4 @@ def train_mlp(make, steps=200, seed=0):
 def test_8bit_trains_a_small_model_like_32bit(name, make, state_key, trained_below, tolerance):
     """MLP 32-256-256-10 on test_optim_adam's synthetic 10-class set, 200 steps, batch 128: the
     8-bit run's final full-data loss is within `tolerance` (relative) of the 32-bit run's."""
-    loss32, _, opt32 = train_mlp(make(32))
-    loss8, model8, opt8 = train_mlp(make(8))
-    print(f"MLP after 200 steps, {name}: 32-bit {loss32:.5f}, 8-bit {loss8:.5f}, "
-          f"gap {(loss8 - loss32) / loss32:+.4%}")
-    big = [p for p in model8.parameters() if p.numel() >= 4096]
-    assert len(big) == 2 and all(f"{state_key}_q" in opt8.state[p] for p in big)  # really 8-bit
-    assert all(state_key in opt32.state[p] for p in opt32.param_groups[0]["params"])
-    assert loss32 < trained_below
-    assert abs(loss8 - loss32) <= tolerance * loss32
+    assert_8bit_trains_like_32bit(name, make, state_key, trained_below, tolerance)
