@@ -269,6 +269,47 @@ def adagrad_update(p, g, state_sum, hyper):
     return p + (hyper[2] * g) / (np.sqrt(state_sum) + hyper[1]), state_sum
 
 
+def lamb_hyperparameters(beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> np.ndarray:
+    return np.array([1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay],
+                    dtype=np.float32)
+
+
+def lamb_direction(p, m, v, hyper):
+    """LAMB's r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p (float32)."""
+    return (m / hyper[3]) / (np.sqrt(v / hyper[4]) + hyper[5]) + hyper[6] * p
+
+
+def blockwise_norm(x, block_size: int) -> float:
+    """L2 norm: float64 squares summed in element order within blocks, math.fsum over blocks."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    padded = np.zeros(num_blocks(x.size, block_size) * block_size)
+    padded[: x.size] = x * x
+    return math.sqrt(math.fsum(np.cumsum(padded.reshape(-1, block_size), axis=1)[:, -1]))
+
+
+def lamb_step(param, grad, m, v, hyper, lr: float, block_size: int, codes=None):
+    """One LAMB step (You et al. 2019, Algorithm 2): Adam's moments, r = m_hat / (sqrt(v_hat) + eps)
+    + wd * p, p -= lr * (||p|| / ||r||) * r (trust ratio 1 when a norm is 0).
+
+    m, v: float32 arrays, or (q, absmax) pairs with ``codes`` = (signed, unsigned) for 8-bit state,
+    requantized after the step; r comes from the float32 moments, as in Adam. Norms: float64
+    squares summed in element order within blocks of ``block_size``, math.fsum over the blocks (as
+    the kernels do, so the trust ratio agrees to the last bit). Returns (param, m, v) as given."""
+    p, g = (np.asarray(a, dtype=np.float32) for a in (param, grad))
+    if codes is not None:
+        m = dequantize_blockwise(*m, codes[0], block_size)
+        v = dequantize_blockwise(*v, codes[1], block_size)
+    m = m + hyper[0] * (g - m)
+    v = v * hyper[1] + (hyper[2] * g) * g
+    r = lamb_direction(p, m, v, hyper)
+    r_norm, p_norm = blockwise_norm(r, block_size), blockwise_norm(p, block_size)
+    trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+    p = p + np.float32(-lr * trust) * r
+    if codes is not None:
+        m, v = quantize_blockwise(m, codes[0], block_size), quantize_blockwise(v, codes[1], block_size)
+    return p, m, v
+
+
 def step_8bit(update, param, grad, quantized_states, codes, block_size: int, hyper):
     """One optimizer step with block-wise 8-bit states: dequantize each state (q, absmax) with its
     code, apply ``update(param, grad, *states, hyper)`` in float32, requantize.

@@ -26,7 +26,7 @@ def _float_of_bits(b):
 maths = compile_scalar_maths(_jit, _float_of_bits)
 _block_bounds, _search = maths.block_bounds, maths.search
 _round_up, _absmax_of_bits = maths.stochastic_round_up, maths.absmax_of_bits
-_update = maths.update
+_update, _lamb_moments, _lamb_direction = maths.update, maths.lamb_moments, maths.lamb_direction
 
 
 @_jit
@@ -159,6 +159,70 @@ def step_8bit(kind, n_states, param, grad, hyper, block_size, q1, absmax1, value
         absmax1[block] = _quantize_block(s1, s1.view(np.int32), q1b, search1, zero1)
         if n_states == 2:
             absmax2[block] = _quantize_block(s2, s2.view(np.int32), q2[start:end], search2, zero2)
+
+
+@_jit
+def _dequantize_block(qb, values, scale):
+    out = np.empty(qb.size, np.float32)
+    for i in range(qb.size):
+        out[i] = values[qb[i]] * scale
+    return out
+
+
+@_jit
+def _squared_norms(p, g, m, v, hyper, partial_row):
+    """Sums of r**2 and p**2 over a block in float64, in element order (as the reference), with r
+    from the moments this step will give (computed here, not stored)."""
+    r_total, p_total = 0.0, 0.0
+    for i in range(p.size):
+        m_new, v_new = _lamb_moments(g[i], m[i], v[i], hyper)
+        r = np.float64(_lamb_direction(p[i], m_new, v_new, hyper))
+        w = np.float64(p[i])
+        r_total += r * r
+        p_total += w * w
+    partial_row[0] = r_total
+    partial_row[1] = p_total
+
+
+@numba.njit(parallel=True, cache=True)
+def lamb_norms_32bit(param, grad, m, v, hyper, block_size, partial):
+    """LAMB pass 1 (float32 states): partial[block] = (sum r**2, sum p**2); writes nothing else."""
+    for block in prange(partial.shape[0]):
+        start, end = _block_bounds(block, block_size, param.size)
+        _squared_norms(param[start:end], grad[start:end], m[start:end], v[start:end], hyper, partial[block])
+
+
+@numba.njit(parallel=True, cache=True)
+def lamb_norms_8bit(param, grad, m_q, m_absmax, m_values, v_q, v_absmax, v_values, hyper, block_size, partial):
+    """LAMB pass 1 (8-bit states): as lamb_norms_32bit, from the dequantized states."""
+    for block in prange(partial.shape[0]):
+        start, end = _block_bounds(block, block_size, param.size)
+        _squared_norms(param[start:end], grad[start:end], _dequantize_block(m_q[start:end], m_values, m_absmax[block]),
+                       _dequantize_block(v_q[start:end], v_values, v_absmax[block]), hyper, partial[block])
+
+
+@numba.njit(parallel=True, cache=True)
+def lamb_apply_32bit(param, grad, m, v, hyper, neg_step):
+    """LAMB pass 2 (float32 states): the same moments again, p += neg_step * r, store the moments."""
+    for i in prange(param.size):
+        m[i], v[i] = _lamb_moments(grad[i], m[i], v[i], hyper)
+        param[i] = param[i] + neg_step * _lamb_direction(param[i], m[i], v[i], hyper)
+
+
+@numba.njit(parallel=True, cache=True)
+def lamb_apply_8bit(param, grad, m_q, m_absmax, m_values, m_search, m_zero, v_q, v_absmax, v_values, v_search,
+                    v_zero, hyper, block_size, neg_step):
+    """LAMB pass 2 (8-bit states): dequantize, the same moments again, p += neg_step * r, requantize."""
+    for block in prange(m_absmax.size):
+        start, end = _block_bounds(block, block_size, param.size)
+        pb, gb, mqb, vqb = param[start:end], grad[start:end], m_q[start:end], v_q[start:end]
+        m = _dequantize_block(mqb, m_values, m_absmax[block])
+        v = _dequantize_block(vqb, v_values, v_absmax[block])
+        for i in range(pb.size):
+            m[i], v[i] = _lamb_moments(gb[i], m[i], v[i], hyper)
+            pb[i] = pb[i] + neg_step * _lamb_direction(pb[i], m[i], v[i], hyper)
+        m_absmax[block] = _quantize_block(m, m.view(np.int32), mqb, m_search, m_zero)
+        v_absmax[block] = _quantize_block(v, v.view(np.int32), vqb, v_search, v_zero)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -115,6 +115,19 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
         return p + (hyper[2] * g) / (math.sqrt(state_sum) + hyper[1]), state_sum
 
     @jit
+    def lamb_moments(g, m, v, hyper):
+        """LAMB's (You et al. 2019, Algorithm 2) moments, as Adam's without weight decay.
+        hyper: see reference.lamb_hyperparameters."""
+        m = m + hyper[0] * (g - m)
+        v = v * hyper[1] + (hyper[2] * g) * g
+        return m, v
+
+    @jit
+    def lamb_direction(p, m, v, hyper):
+        """r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, in float32."""
+        return (m / hyper[3]) / (math.sqrt(v / hyper[4]) + hyper[5]) + hyper[6] * p
+
+    @jit
     def update(kind, p, g, s1, s2, hyper):
         """The update of optimizer ``kind``; unused states pass through."""
         if kind == ADAM:
@@ -131,4 +144,4 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
 
     return SimpleNamespace(block_bounds=block_bounds, search=search,
                            stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits,
-                           update=update)
+                           update=update, lamb_moments=lamb_moments, lamb_direction=lamb_direction)

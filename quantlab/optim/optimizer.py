@@ -170,21 +170,30 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         elif specs and state["format"] != wanted:
             self._store_states(p, state, wanted, options, self._float_states(p, state, options))
         state["step"] += 1
-        hyper = self.hyperparameters(p, options, state["step"])
+        self._run_kernels(p, state, options, specs, self.hyperparameters(p, options, state["step"]))
+
+    def _run_kernels(self, p, state, options, specs, hyper):
+        """The fused step kernels (step_32bit / step_8bit) on p and its states, in place."""
         param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
         if not specs or state["format"][0] == 32:  # without states (SGD's momentum 0) any stored ones are kept
             states = [flat_numpy(state[name]) for name, _ in specs]
             states += [np.zeros(0, np.float32)] * (2 - len(states))
             cpu.step_32bit(self.kind, len(specs), param, grad, *states, hyper)
             return
-        per_state = []
-        for name, signed in specs:
-            code = options["signed_code"] if signed else options["unsigned_code"]
-            per_state.append((flat_numpy(state[f"{name}_q"]), state[f"{name}_absmax"].numpy(), code.values,
-                              search_tables(code)[0].args(), code.zero_index))
+        per_state = [self._kernel_state(state, name, self._code(options, signed)) for name, signed in specs]
         if len(per_state) == 1:  # the kernel's second state slot, left untouched
             per_state.append((np.zeros(0, np.uint8), np.zeros(0, np.float32), *per_state[0][2:]))
         cpu.step_8bit(self.kind, len(specs), param, grad, hyper, options["block_size"], *per_state[0], *per_state[1])
+
+    @staticmethod
+    def _code(options, signed: bool) -> Code:
+        return options["signed_code"] if signed else options["unsigned_code"]
+
+    @staticmethod
+    def _kernel_state(state, name, code) -> tuple:
+        """What the 8-bit kernels take for one state: q, absmax, code values, search table, zero index."""
+        return (flat_numpy(state[f"{name}_q"]), state[f"{name}_absmax"].numpy(), code.values,
+                search_tables(code)[0].args(), code.zero_index)
 
     def _holds_states(self, state, specs) -> bool:
         suffix = "" if state.get("format", (32,))[0] == 32 else "_q"
