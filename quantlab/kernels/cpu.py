@@ -123,6 +123,14 @@ def largest_magnitude_bits(x_bits, chunk=1 << 16):
     return partial.max() if chunks else 0
 
 
+@_jit
+def _dequantize_block(qb, values, scale):
+    out = np.empty(qb.size, np.float32)
+    for i in range(qb.size):
+        out[i] = values[qb[i]] * scale
+    return out
+
+
 @numba.njit(parallel=True, cache=True)
 def step_32bit(kind, n_states, param, grad, s1, s2, hyper):
     """One optimizer step with float32 states (0, 1 or 2 of them), in place."""
@@ -145,28 +153,17 @@ def step_8bit(kind, n_states, param, grad, hyper, block_size, q1, absmax1, value
     for block in prange(absmax1.size):
         start, end = _block_bounds(block, block_size, param.size)
         pb, gb, q1b = param[start:end], grad[start:end], q1[start:end]
-        s1 = np.empty(pb.size, np.float32)
-        s2 = np.zeros(pb.size, np.float32)
-        scale1 = absmax1[block]
-        for i in range(pb.size):  # the table look-ups, apart so that the update below vectorises
-            s1[i] = values1[q1b[i]] * scale1
+        # The table look-ups come first, apart, so that the update loop below vectorises.
+        s1 = _dequantize_block(q1b, values1, absmax1[block])
         if n_states == 2:
-            q2b, scale2 = q2[start:end], absmax2[block]
-            for i in range(pb.size):
-                s2[i] = values2[q2b[i]] * scale2
+            s2 = _dequantize_block(q2[start:end], values2, absmax2[block])
+        else:
+            s2 = np.zeros(pb.size, np.float32)
         for i in range(pb.size):
             pb[i], s1[i], s2[i] = _update(kind, pb[i], gb[i], s1[i], s2[i], hyper)
         absmax1[block] = _quantize_block(s1, s1.view(np.int32), q1b, search1, zero1)
         if n_states == 2:
             absmax2[block] = _quantize_block(s2, s2.view(np.int32), q2[start:end], search2, zero2)
-
-
-@_jit
-def _dequantize_block(qb, values, scale):
-    out = np.empty(qb.size, np.float32)
-    for i in range(qb.size):
-        out[i] = values[qb[i]] * scale
-    return out
 
 
 @_jit
