@@ -328,6 +328,19 @@ def mlp(seed, hidden=256, features=32, classes=10):
                                torch.nn.Linear(hidden, classes))
 
 
+def assert_same_parameters_and_states(params, opt, other_params, other_opt):
+    """Parameters equal and optimizer states equal key for key, dtype included (torch.equal)."""
+    for p, q in zip(params, other_params):
+        assert torch.equal(p, q)
+        s, t = opt.state[p], other_opt.state[q]
+        assert set(s) == set(t)
+        for k in s:
+            if torch.is_tensor(s[k]):
+                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
+            else:
+                assert s[k] == t[k], k
+
+
 def train_mlp(make, steps=200, seed=0):
     """Train mlp(seed) on classification_data(seed) with the optimizer make(params) builds; batch 128.
     Returns (final full-data loss, model, optimizer)."""
@@ -456,15 +469,7 @@ def test_state_dict_round_trip_is_exact(opt_class, state_bits):
 
     expected_keys = EIGHT_BIT_KEYS if state_bits == 8 else THIRTY_TWO_BIT_KEYS
     assert any(expected_keys <= set(opt.state[p]) for p in model.parameters())
-    for p, q in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(p, q)
-        s, t = opt.state[p], opt_b.state[q]
-        assert set(s) == set(t)
-        for k in s:
-            if torch.is_tensor(s[k]):
-                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
-            else:
-                assert s[k] == t[k], k
+    assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
 
 # --- per-parameter options --------------------------------------------------------------------

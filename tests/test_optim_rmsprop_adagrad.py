@@ -24,7 +24,8 @@ from quantlab.codes import dynamic_code, linear_code
 from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
-from test_optim_adam import (assert_8bit_trains_like_32bit, assert_bits_equal, checkpoint_model,  # noqa: E402
+from test_optim_adam import (assert_8bit_trains_like_32bit, assert_same_parameters_and_states,  # noqa: E402
+                             assert_bits_equal, checkpoint_model,
                              checkpoint_steps, flat, relative_deviation, run_fixed_gradients, spread,
                              ulps_apart)
 from test_optim_kernels import SIGNED_CODES, UNSIGNED_CODES  # noqa: E402
@@ -618,15 +619,7 @@ def test_rmsprop_checkpoint_with_two_codes_continues_exactly(mode):
     assert len(eight_bit) == 1
     assert opt.state[eight_bit[0]]["format"] == (8, 128, "dynamic8-symmetric", "linear8-unsigned")
     assert opt_b.param_groups[0]["unsigned_code"].name == "linear8-unsigned"
-    for p, q in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(p, q)
-        s, t = opt.state[p], opt_b.state[q]
-        assert set(s) == set(t)
-        for k in s:
-            if torch.is_tensor(s[k]):
-                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
-            else:
-                assert s[k] == t[k], k
+    assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
 
 def adagrad_checkpoint_steps(model, late, opt, steps, start, late_from=12):
@@ -680,15 +673,7 @@ def test_adagrad_initial_accumulator_survives_a_checkpoint():
 
     assert opt.state[late]["format"][0] == 8 and opt.state[late]["step"] == 8
     params = [*model.parameters(), late]
-    for p, q in zip(params, [*model_b.parameters(), late_b]):
-        assert torch.equal(p, q)
-        s, t = opt.state[p], opt_b.state[q]
-        assert set(s) == set(t)
-        for k in s:
-            if torch.is_tensor(s[k]):
-                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
-            else:
-                assert s[k] == t[k], k
+    assert_same_parameters_and_states(params, opt, [*model_b.parameters(), late_b], opt_b)
     assert not torch.equal(late, late_zero)
 
 

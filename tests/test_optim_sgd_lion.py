@@ -23,7 +23,8 @@ from quantlab.codes import dynamic_code
 from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
-from test_optim_adam import (assert_8bit_trains_like_32bit, assert_bits_equal, assert_same_snapshot,  # noqa: E402
+from test_optim_adam import (assert_8bit_trains_like_32bit, assert_same_parameters_and_states,  # noqa: E402
+                             assert_bits_equal, assert_same_snapshot,
                              checkpoint_model, checkpoint_steps, flat, relative_deviation,
                              run_fixed_gradients, snapshot, ulps_apart)
 from test_optim_kernels import SIGNED_CODES  # noqa: E402
@@ -715,15 +716,7 @@ def test_state_dict_round_trip_continues_exactly(make, state_key):
 
     assert sum(f"{state_key}_q" in opt.state[p] for p in model.parameters()) == 1
     assert sum(state_key in opt.state[p] for p in model.parameters()) == 3
-    for p, q in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(p, q)
-        s, t = opt.state[p], opt_b.state[q]
-        assert set(s) == set(t)
-        for k in s:
-            if torch.is_tensor(s[k]):
-                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
-            else:
-                assert s[k] == t[k], k
+    assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
 
 NONFINITE_OPTIMIZERS = [

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer
+from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative
 
 
 class Adam(BlockwiseOptimizer):
@@ -23,14 +23,8 @@ class Adam(BlockwiseOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  maximize=False, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
+        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+        check_betas(betas)
         if amsgrad:
             raise ValueError("amsgrad is not supported: it needs a third state")
         if maximize:

@@ -14,21 +14,15 @@ import numpy as np
 
 from .. import reference
 from ..kernels import cpu
-from .optimizer import BlockwiseOptimizer, flat_numpy
+from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative, flat_numpy
 
 
 class LAMB(BlockwiseOptimizer):
     kind = None  # two-pass kernels of its own, not the shared step kernels
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
+        check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+        check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), **state_options)
 
     def state_specs(self, options):

@@ -10,7 +10,7 @@ import torch
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer
+from .optimizer import BlockwiseOptimizer, check_nonnegative
 
 
 def trust_ratio(param: torch.Tensor, grad: torch.Tensor, trust_coefficient: float, weight_decay: float) -> float:
@@ -32,12 +32,9 @@ class LARS(BlockwiseOptimizer):
     kind = scalar.SGD  # the same element update as SGD with momentum, with these constants
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
+        check_nonnegative(lr=lr, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"invalid momentum {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
         if trust_coefficient is not None and not trust_coefficient > 0:
             raise ValueError(f"invalid trust_coefficient {trust_coefficient}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer
+from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative
 
 
 class Lion(BlockwiseOptimizer):
@@ -14,12 +14,8 @@ class Lion(BlockwiseOptimizer):
     kind = scalar.LION
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not (0.0 <= betas[0] <= 1.0 and 0.0 <= betas[1] <= 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
+        check_nonnegative(lr=lr, weight_decay=weight_decay)
+        check_betas(betas, upper_inclusive=True)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), **state_options)
 
     def state_specs(self, options):

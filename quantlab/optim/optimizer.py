@@ -45,6 +45,19 @@ def param_options(param: torch.Tensor, group: dict) -> dict:
     return {**group, **overrides}
 
 
+def check_nonnegative(**values) -> None:
+    """Constructor checks: each named hyperparameter must be >= 0 (a NaN fails too)."""
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"invalid {'learning rate' if name == 'lr' else name} {value}")
+
+
+def check_betas(betas, upper_inclusive: bool = False) -> None:
+    """Each beta in [0, 1) (or [0, 1] where the update allows 1)."""
+    if not all(0 <= b < 1 or (upper_inclusive and b == 1) for b in betas):
+        raise ValueError(f"invalid betas {betas}")
+
+
 def check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size) -> None:
     if state_bits not in (8, 32):
         raise ValueError(f"state_bits must be 8 or 32, got {state_bits!r}")

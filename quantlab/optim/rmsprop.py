@@ -7,7 +7,7 @@ import torch
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer
+from .optimizer import BlockwiseOptimizer, check_nonnegative
 
 
 class RMSprop(BlockwiseOptimizer):
@@ -18,16 +18,9 @@ class RMSprop(BlockwiseOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
                  maximize=False, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
+        check_nonnegative(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"invalid alpha {alpha}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"invalid momentum {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
         if centered and momentum:
             raise ValueError("centred RMSprop with momentum needs three states, which quantlab does not support yet")
         if maximize:
@@ -55,16 +48,8 @@ class Adagrad(BlockwiseOptimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
                  maximize=False, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"invalid lr_decay {lr_decay}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(f"invalid initial_accumulator_value {initial_accumulator_value}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid eps {eps}")
+        check_nonnegative(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                          initial_accumulator_value=initial_accumulator_value, eps=eps)
         if maximize:
             raise ValueError("maximize is not supported: negate the loss instead")
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer
+from .optimizer import BlockwiseOptimizer, check_nonnegative
 
 
 class SGD(BlockwiseOptimizer):
@@ -19,12 +19,7 @@ class SGD(BlockwiseOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  maximize=False, **state_options):
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"invalid momentum {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
+        check_nonnegative(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if maximize:
