@@ -2,12 +2,15 @@
 
     python -m experiments.bench_optim                    # one 2**24 tensor, ResNet-18, small ViT
     python -m experiments.bench_optim --cases single --no-torchao
+    python -m experiments.bench_optim --device cuda --dtype bfloat16    # on a GPU
 
 For each parameter set (random gradients of 1e-2 scale) and optimizer: ms per step (median after
 warm-up steps), state bytes per parameter, and the peak extra resident memory during a step over
 the memory before it (sampled every 0.2 ms from /proc/self/statm by a background thread; the
 states already exist by then). Ratios are printed against torch's fused fp32 Adam and against
-bitsandbytes' Adam8bit measured in the same run. Saves JSON and Markdown under --out.
+bitsandbytes' Adam8bit measured in the same run. On CUDA the steps are timed between
+synchronisations and the peak extra memory is torch's max_memory_allocated over the memory before
+the steps. Saves JSON and Markdown under --out.
 """
 from __future__ import annotations
 
@@ -53,17 +56,20 @@ class PeakMemory:
         self.peak = max(self.peak, resident_bytes())
 
 
-def parameter_sets(cases, single_size: int):
+def parameter_sets(cases, single_size: int, device="cpu", dtype=torch.float32):
     import torchvision
+
+    def on_device(make_module):
+        return lambda: list(make_module().to(device=device, dtype=dtype).parameters())
 
     sets = {}
     if "single" in cases:
-        sets["one tensor"] = lambda: [torch.nn.Parameter(torch.randn(single_size))]
+        sets["one tensor"] = lambda: [torch.nn.Parameter(torch.randn(single_size, device=device, dtype=dtype))]
     if "resnet18" in cases:
-        sets["ResNet-18"] = lambda: list(torchvision.models.resnet18().parameters())
+        sets["ResNet-18"] = on_device(torchvision.models.resnet18)
     if "vit" in cases:
-        sets["ViT (6x384, patch 4, 32px)"] = lambda: list(torchvision.models.VisionTransformer(
-            image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=384, mlp_dim=1536).parameters())
+        sets["ViT (6x384, patch 4, 32px)"] = on_device(lambda: torchvision.models.VisionTransformer(
+            image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=384, mlp_dim=1536))
     return sets
 
 
@@ -106,22 +112,41 @@ def state_bytes(optimizer) -> int:
                if isinstance(v, torch.Tensor) and v.numel() > 1)
 
 
+class PeakCudaMemory:
+    """Peak CUDA memory torch allocated while the block runs."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
 def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     params = make_params()
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
+    cuda = params[0].is_cuda
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     optimizer = make_optimizer(params)
     start = time.perf_counter()
-    optimizer.step()  # creates the states (and compiles, for torchao)
+    optimizer.step()  # creates the states (and compiles, for torchao and for the CUDA kernels)
+    synchronize()
     first_step = time.perf_counter() - start
     for _ in range(warmup - 1):
         optimizer.step()
     times = []
-    with PeakMemory() as memory:
+    with (PeakCudaMemory() if cuda else PeakMemory()) as memory:
         for _ in range(steps):
+            synchronize()
             start = time.perf_counter()
             optimizer.step()
+            synchronize()
             times.append(time.perf_counter() - start)
     n = sum(p.numel() for p in params)
     result = {"ms_per_step": 1e3 * float(np.median(times)), "first_step_s": first_step,
@@ -176,13 +201,19 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-torchao", action="store_true", help="skip torchao (it compiles for ~20 s)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="parameter and gradient dtype")
     parser.add_argument("--out", type=Path, default=Path("results/bench_optim"))
     args = parser.parse_args(argv)
     env = environment()
-    env["torch_threads"] = torch.get_num_threads()
+    env.update(torch_threads=torch.get_num_threads(), device=args.device, dtype=args.dtype)
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    sets = parameter_sets(args.cases, args.single_size, args.device, getattr(torch, args.dtype))
     print("environment:", json.dumps(env))
     rows = []
-    for case, make_params in parameter_sets(args.cases, args.single_size).items():
+    for case, make_params in sets.items():
         for name, make_optimizer in optimizers(not args.no_torchao).items():
             result = measure(make_params, make_optimizer, args.steps, args.warmup)
             result.update(case=case, optimizer=name)
@@ -191,8 +222,7 @@ def main(argv=None):
                   f"{result['state_bytes_per_param']:5.2f} B/param  peak extra "
                   f"{result['peak_extra_bytes_per_param']:6.2f} B/param", flush=True)
     text = table(rows)
-    checks = {case: nonfinite_check_cost(make_params, args.steps)
-              for case, make_params in parameter_sets(args.cases, args.single_size).items()}
+    checks = {case: nonfinite_check_cost(make_params, args.steps) for case, make_params in sets.items()}
     text += "\n\nNon-finite gradient check per step (ms): " + "; ".join(
         f"{case}: quantlab {c['quantlab_check_ms']:.2f}, torch.isfinite().all() {c['torch_isfinite_all_ms']:.2f}"
         for case, c in checks.items())

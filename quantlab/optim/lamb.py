@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from .. import reference
-from ..kernels import cpu
-from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative, flat_numpy
+from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative, float32_chunks, kernel_array, kernels_for
 
 
 class LAMB(BlockwiseOptimizer):
@@ -32,20 +32,31 @@ class LAMB(BlockwiseOptimizer):
         return reference.lamb_hyperparameters(*options["betas"], options["eps"], options["weight_decay"], step)
 
     def _run_kernels(self, p, state, options, specs, hyper):
-        block_size = options["block_size"]
-        param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-        partial = np.zeros((reference.num_blocks(param.size, block_size), 2))
-        if state["format"][0] == 32:
-            m, v = flat_numpy(state["exp_avg"]), flat_numpy(state["exp_avg_sq"])
-            cpu.lamb_norms_32bit(param, grad, m, v, hyper, block_size, partial)
-        else:
-            m = self._kernel_state(state, "exp_avg", options["signed_code"])
-            v = self._kernel_state(state, "exp_avg_sq", options["unsigned_code"])
-            cpu.lamb_norms_8bit(param, grad, *m[:3], *v[:3], hyper, block_size, partial)
-        r_norm, p_norm = math.sqrt(math.fsum(partial[:, 0])), math.sqrt(math.fsum(partial[:, 1]))
+        kernels, block_size = kernels_for(p), options["block_size"]
+        eight_bit = state["format"][0] == 8
+        partial = torch.zeros((reference.num_blocks(p.numel(), block_size), 2), dtype=torch.float64, device=p.device)
+
+        def moments(start, end):
+            if not eight_bit:
+                return [kernel_array(state[name])[start:end] for name in ("exp_avg", "exp_avg_sq")]
+            return [self._kernel_state(state, name, self._code(options, signed), start, end, block_size)
+                    for name, signed in specs]
+
+        for start, end, param, grad in float32_chunks(p, block_size):
+            m, v = moments(start, end)
+            rows = partial[start // block_size:reference.num_blocks(end, block_size)]
+            rows = rows if rows.is_cuda else rows.numpy()
+            if eight_bit:
+                kernels.lamb_norms_8bit(param, grad, *m[:3], *v[:3], hyper, block_size, rows)
+            else:
+                kernels.lamb_norms_32bit(param, grad, m, v, hyper, block_size, rows)
+        sums = partial.cpu().numpy()
+        r_norm, p_norm = math.sqrt(math.fsum(sums[:, 0])), math.sqrt(math.fsum(sums[:, 1]))
         trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
         neg_step = np.float32(-options["lr"] * trust)
-        if state["format"][0] == 32:
-            cpu.lamb_apply_32bit(param, grad, m, v, hyper, neg_step)
-        else:
-            cpu.lamb_apply_8bit(param, grad, *m, *v, hyper, block_size, neg_step)
+        for start, end, param, grad in float32_chunks(p, block_size):
+            m, v = moments(start, end)
+            if eight_bit:
+                kernels.lamb_apply_8bit(param, grad, *m, *v, hyper, block_size, neg_step)
+            else:
+                kernels.lamb_apply_32bit(param, grad, m, v, hyper, neg_step)

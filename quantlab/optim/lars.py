@@ -15,8 +15,8 @@ from .optimizer import BlockwiseOptimizer, check_nonnegative
 
 def trust_ratio(param: torch.Tensor, grad: torch.Tensor, trust_coefficient: float, weight_decay: float) -> float:
     """eta * ||w|| / (||g|| + weight_decay * ||w||), or 1 when either norm is 0 (float32 norms)."""
-    w_norm = float(torch.linalg.vector_norm(param.detach()))
-    g_norm = float(torch.linalg.vector_norm(grad.detach()))
+    w_norm = float(torch.linalg.vector_norm(param.detach(), dtype=torch.float32))
+    g_norm = float(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
     if w_norm == 0 or g_norm == 0:
         return 1.0
     return trust_coefficient * w_norm / (g_norm + weight_decay * w_norm)

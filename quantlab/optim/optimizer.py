@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import reference
+from .. import kernels, reference
 from ..codes import Code, dynamic_code
 from ..kernels import cpu
 from ..kernels.lookup import search_tables
@@ -70,30 +70,76 @@ def check_state_options(state_bits, block_size, signed_code, unsigned_code, min_
         raise ValueError(f"min_8bit_size must be a non-negative integer, got {min_8bit_size!r}")
 
 
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float16/bfloat16 parameters are stepped in float32 chunks of this many elements (rounded to whole
+# blocks): the extra memory of a step is bounded by a chunk, not by the parameter.
+CHUNK_ELEMENTS = 1 << 18
+
+
 def check_param(param: torch.Tensor) -> None:
-    """The kernels this release has: dense float32 CPU parameters and gradients."""
+    """What the kernels take: dense, contiguous float32/float16/bfloat16 parameters on the CPU or
+    a CUDA device, with a gradient of the same dtype and device."""
     if param.grad.is_sparse:
         raise RuntimeError("quantlab optimizers do not support sparse gradients")
-    if param.device.type != "cpu":
-        raise NotImplementedError(f"quantlab optimizers run on the CPU in this release, got {param.device}")
-    if param.dtype != torch.float32 or param.grad.dtype != torch.float32:
-        raise NotImplementedError(f"quantlab optimizers take float32 parameters and gradients in this "
-                                  f"release, got {param.dtype} / {param.grad.dtype}")
+    if param.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"quantlab optimizers run on the CPU and CUDA, got {param.device}")
+    if param.dtype not in PARAM_DTYPES:
+        raise NotImplementedError(f"quantlab optimizers take float32, float16 or bfloat16 parameters, got {param.dtype}")
+    if (param.grad.dtype, param.grad.device) != (param.dtype, param.device):
+        raise ValueError(f"a gradient must have its parameter's dtype and device: parameter {param.dtype} on "
+                         f"{param.device}, gradient {param.grad.dtype} on {param.grad.device}")
+    if not param.is_contiguous():
+        raise ValueError("quantlab optimizers take contiguous parameters")
 
 
-def flat_numpy(t: torch.Tensor):
-    """A zero-copy flat NumPy view of a contiguous CPU tensor."""
+def kernels_for(t: torch.Tensor):
+    """The kernel module for a tensor's device (numba.cuda is imported only for CUDA tensors)."""
+    if t.device.type == "cuda":
+        from ..kernels import cuda
+        return cuda
+    return cpu
+
+
+def kernel_array(t: torch.Tensor):
+    """What the kernels take for a contiguous tensor: its flat zero-copy NumPy view on the CPU, the
+    flat tensor itself on CUDA (passed by __cuda_array_interface__)."""
     if not t.is_contiguous():
         raise ValueError("quantlab optimizer states and parameters must be contiguous")
-    return t.detach().view(-1).numpy()
+    flat = t.detach().view(-1)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def float32_chunks(p: torch.Tensor, align: int):
+    """(start, end, param, grad): float32 kernel arrays over p's flat elements [start, end).
+
+    A float32 parameter is one chunk of zero-copy views. A float16/bfloat16 one comes in chunks
+    of whole ``align``-element blocks, converted to float32 temporaries; each parameter chunk is
+    written back (rounded to nearest even, as torch's ``copy_``) when the caller asks for the next.
+    """
+    grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+    if p.dtype == torch.float32:
+        yield 0, p.numel(), kernel_array(p), kernel_array(grad)
+        return
+    flat_param, flat_grad = p.detach().view(-1), grad.detach().view(-1)
+    chunk = max(align, CHUNK_ELEMENTS // align * align)
+    for start in range(0, flat_param.numel(), chunk):
+        end = min(start + chunk, flat_param.numel())
+        param32 = flat_param[start:end].float()
+        yield start, end, kernel_array(param32), kernel_array(flat_grad[start:end].float())
+        flat_param[start:end].copy_(param32)
 
 
 def gradients_finite(params) -> bool:
-    """One integer-max pass over each gradient (see kernels.cpu.largest_magnitude_bits)."""
+    """CPU float32 gradients: one integer-max pass each (see kernels.cpu.largest_magnitude_bits);
+    others (16-bit, CUDA): torch.isfinite."""
     for p in params:
         g = p.grad.detach()
-        g = g if g.is_contiguous() else g.contiguous()
-        if cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) >= INF_BITS:
+        if g.is_cuda or g.dtype != torch.float32:
+            finite = bool(torch.isfinite(g).all())
+        else:
+            g = g if g.is_contiguous() else g.contiguous()
+            finite = cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) < INF_BITS
+        if not finite:
             return False
     return True
 
@@ -133,8 +179,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def initial_state(self, p: torch.Tensor, options: dict, name: str) -> torch.Tensor:
-        """A state's value before the first step: zeros, unless the optimizer says otherwise."""
-        return torch.zeros_like(p)
+        """A state's value before the first step: zeros, unless the optimizer says otherwise (float32
+        whatever the parameter's dtype)."""
+        return torch.zeros_like(p, dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -187,26 +234,31 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
 
     def _run_kernels(self, p, state, options, specs, hyper):
         """The fused step kernels (step_32bit / step_8bit) on p and its states, in place."""
-        param, grad = flat_numpy(p), flat_numpy(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-        if not specs or state["format"][0] == 32:  # without states (SGD's momentum 0) any stored ones are kept
-            states = [flat_numpy(state[name]) for name, _ in specs]
-            states += [np.zeros(0, np.float32)] * (2 - len(states))
-            cpu.step_32bit(self.kind, len(specs), param, grad, *states, hyper)
-            return
-        per_state = [self._kernel_state(state, name, self._code(options, signed)) for name, signed in specs]
-        if len(per_state) == 1:  # the kernel's second state slot, left untouched
-            per_state.append((np.zeros(0, np.uint8), np.zeros(0, np.float32), *per_state[0][2:]))
-        cpu.step_8bit(self.kind, len(specs), param, grad, hyper, options["block_size"], *per_state[0], *per_state[1])
+        kernels, block_size = kernels_for(p), options["block_size"]
+        for start, end, param, grad in float32_chunks(p, block_size):
+            if not specs or state["format"][0] == 32:  # without states (SGD's momentum 0) stored ones are kept
+                states = [kernel_array(state[name])[start:end] for name, _ in specs]
+                states += [param[:0]] * (2 - len(states))
+                kernels.step_32bit(self.kind, len(specs), param, grad, *states, hyper)
+                continue
+            per_state = [self._kernel_state(state, name, self._code(options, signed), start, end, block_size)
+                         for name, signed in specs]
+            if len(per_state) == 1:  # the kernel's second state slot, left untouched
+                q, absmax, *code = per_state[0]
+                per_state.append((q[:0], absmax[:0], *code))
+            kernels.step_8bit(self.kind, len(specs), param, grad, hyper, block_size, *per_state[0], *per_state[1])
 
     @staticmethod
     def _code(options, signed: bool) -> Code:
         return options["signed_code"] if signed else options["unsigned_code"]
 
     @staticmethod
-    def _kernel_state(state, name, code) -> tuple:
-        """What the 8-bit kernels take for one state: q, absmax, code values, search table, zero index."""
-        return (flat_numpy(state[f"{name}_q"]), state[f"{name}_absmax"].numpy(), code.values,
-                search_tables(code)[0].args(), code.zero_index)
+    def _kernel_state(state, name, code, start, end, block_size) -> tuple:
+        """What the 8-bit kernels take for one state's elements [start, end) (whole blocks): q,
+        absmax, code values, search table, zero index."""
+        blocks = slice(start // block_size, reference.num_blocks(end, block_size))
+        return (kernel_array(state[f"{name}_q"])[start:end], kernel_array(state[f"{name}_absmax"])[blocks],
+                code.values, search_tables(code)[0].args(), code.zero_index)
 
     def _holds_states(self, state, specs) -> bool:
         suffix = "" if state.get("format", (32,))[0] == 32 else "_q"
@@ -222,9 +274,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             if state_format[0] == 32:
                 state[name] = x.contiguous()
                 continue
-            code = options["signed_code"] if signed else options["unsigned_code"]
-            q, absmax = reference.quantize_blockwise(x.detach().numpy(), code, options["block_size"])
-            state[f"{name}_q"], state[f"{name}_absmax"] = torch.from_numpy(q), torch.from_numpy(absmax)
+            q, absmax = kernels.quantize_blockwise(x.detach().contiguous().view(-1), self._code(options, signed),
+                                                   options["block_size"])
+            state[f"{name}_q"], state[f"{name}_absmax"] = q.view_as(p), absmax
 
     def _float_states(self, p, state, options):
         """The current states as float32 tensors, whatever their stored format."""
@@ -236,9 +288,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         if (signed.name, unsigned.name) != (signed_name, unsigned_name):
             raise ValueError(f"the state of a parameter was quantized with codes {signed_name} / {unsigned_name}, "
                              f"but its options now name {signed.name} / {unsigned.name}")
-        return [torch.from_numpy(reference.dequantize_blockwise(
-            state[f"{name}_q"].numpy(), state[f"{name}_absmax"].numpy(), signed if is_signed else unsigned,
-            block_size)).view_as(p) for name, is_signed in specs]
+        return [kernels.dequantize_blockwise(state[f"{name}_q"].view(-1), state[f"{name}_absmax"],
+                                             signed if is_signed else unsigned, block_size).view_as(p)
+                for name, is_signed in specs]
 
     def state_dict(self):
         """torch's state dict, with each Code in the param groups as plain data (name, bits, values
@@ -252,8 +304,9 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict casts every state tensor to its parameter's dtype (uint8 code
-        indices would become float32) and rebuilds every iterable from its items (the code names
-        in ``state["format"]`` would become the repr of a generator): restore both as saved."""
+        indices would become float32, float32 states of a bfloat16 parameter bfloat16) and rebuilds
+        every iterable from its items (the code names in ``state["format"]`` would become the repr
+        of a generator): restore both as saved, on the parameter's device."""
         state_dict = {**state_dict, "param_groups": [
             {**g, **{key: Code(g[key]["values"].numpy(), g[key]["name"], g[key]["bits"])
                      for key in ("signed_code", "unsigned_code") if isinstance(g[key], dict)}}
@@ -269,5 +322,5 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             if "format" in saved:
                 state["format"] = tuple(saved["format"])
             for key, value in saved.items():
-                if key.endswith("_q"):
-                    state[key] = value.to(device=p.device, dtype=torch.uint8)
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device=p.device)

@@ -59,7 +59,7 @@ class Adagrad(BlockwiseOptimizer):
         return (("sum", False),)
 
     def initial_state(self, p, options, name):
-        return torch.full_like(p, options["initial_accumulator_value"])
+        return torch.full_like(p, options["initial_accumulator_value"], dtype=torch.float32)
 
     def hyperparameters(self, p, options, step) -> np.ndarray:
         return reference.adagrad_hyperparameters(options["lr"], options["lr_decay"], options["eps"],
