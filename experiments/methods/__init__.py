@@ -1,0 +1,67 @@
+"""Self-supervised methods. Each is an nn.Module whose forward maps a list of augmented views of one batch
+to a scalar loss; `backbone` is the encoder that evaluation uses afterwards.
+
+    method = make_method("moco", backbone, feature_dim, queue_size=1024)
+    loss = method([augment(x, c, generator) for c in method.view_configs(AugmentConfig())])
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from experiments.augment import AugmentConfig
+
+
+class SSLMethod(nn.Module):
+    """Defaults for a two-view method without schedules whose every trainable parameter gets gradients."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def view_configs(self, base: AugmentConfig) -> list[AugmentConfig]:
+        """The augmentation of each view that forward expects."""
+        return [base, base]
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step, for schedules (momentum, temperature, ...)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: momentum encoders and other frozen copies are left out."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def two_views(views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of one batch, checked to be a pair of image batches of the same shape."""
+    if len(views) != 2:
+        raise ValueError(f"expected 2 views, got {len(views)}")
+    first, second = views
+    if first.dim() != 4 or first.shape != second.shape:
+        raise ValueError(f"expected two image batches [B, C, H, W] of one shape, got "
+                         f"{list(first.shape)} and {list(second.shape)}")
+    return first, second
+
+
+from experiments.methods.moco import MoCo  # noqa: E402  (the methods subclass SSLMethod above)
+from experiments.methods.simclr import SimCLR  # noqa: E402
+
+METHODS = {"moco": MoCo, "simclr": SimCLR}
+
+
+def make_method(name: str, backbone: nn.Module, feature_dim: int, **options) -> SSLMethod:
+    """METHODS[name](backbone, feature_dim, **options); options are the method's keyword arguments."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    method = METHODS[name]
+    allowed = list(inspect.signature(method).parameters)[2:]  # after backbone, feature_dim
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; it takes {allowed}")
+    return method(backbone, feature_dim, **options)
