@@ -108,8 +108,6 @@ def _cuda_stream():
 
 def _quantize_cuda(x, code: Code, block_size: int, noise, q, absmax):
     """x, noise, q, absmax: device arrays (numba); writes q and absmax."""
-    from numba import cuda
-
     from . import cuda as kernels
 
     nearest, floor = search_tables(code)
@@ -122,29 +120,22 @@ def _quantize_cuda(x, code: Code, block_size: int, noise, q, absmax):
             x, x.view(np.int32), block_size, *table, code.zero_index, q, absmax)
     else:
         table = _to_device(floor, stream)
-        values = cuda.to_device(code.values, stream=stream)
+        values = kernels.constant_on_device(code.values, stream)
         kernels.quantize_blockwise_stochastic[grid, threads, stream](
             x, x.view(np.int32), noise, block_size, *table, values, code.zero_index, q, absmax)
 
 
 def _to_device(t: SearchTable, stream):
-    from numba import cuda
+    from . import cuda as kernels
 
-    return (cuda.to_device(t.table, stream=stream), cuda.to_device(t.points, stream=stream),
-            t.shift, t.bias)
+    return kernels.constant_on_device(t.table, stream), kernels.constant_on_device(t.points, stream), t.shift, t.bias
 
 
 def _dequantize_cuda(q, absmax, code: Code, block_size: int, out):
-    from numba import cuda
-
     from . import cuda as kernels
 
     stream = _cuda_stream()
-    # Padded to 256 entries with NaN: an index past the code (not checked on the GPU, which would
-    # cost a device-to-host read) reads NaN, never foreign memory.
-    padded = np.full(256, np.nan, np.float32)
-    padded[: len(code)] = code.values
-    values = cuda.to_device(padded, stream=stream)
+    values = kernels.constant_on_device(code.values, stream, pad_to=256)
     kernels.dequantize_blockwise[absmax.size, kernels.threads_for(block_size), stream](
         q, absmax, values, block_size, out)
 

@@ -23,10 +23,16 @@ def _float_of_bits(b):
     return np.int32(b).view(np.float32)
 
 
-maths = compile_scalar_maths(_jit, _float_of_bits)
+@_jit
+def _mul(a, b):
+    return a * b  # never fused with an add: Numba asks LLVM for no contraction without fastmath
+
+
+maths = compile_scalar_maths(_jit, _float_of_bits, _mul)
 _block_bounds, _search = maths.block_bounds, maths.search
-_round_up, _absmax_of_bits = maths.stochastic_round_up, maths.absmax_of_bits
-_update, _lamb_moments, _lamb_direction = maths.update, maths.lamb_moments, maths.lamb_direction
+_round_up, _absmax_of_bits, _dequantize = maths.stochastic_round_up, maths.absmax_of_bits, maths.dequantize
+_update, _lamb_moments, _lamb_direction, _lamb_apply = (maths.update, maths.lamb_moments, maths.lamb_direction,
+                                                         maths.lamb_apply)
 
 
 @_jit
@@ -109,7 +115,7 @@ def dequantize_blockwise(q, absmax, values, block_size, out):
         qb, ob = q[start:end], out[start:end]
         scale = absmax[block]
         for i in range(qb.size):
-            ob[i] = values[qb[i]] * scale
+            ob[i] = _dequantize(values, qb[i], scale)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -127,7 +133,7 @@ def largest_magnitude_bits(x_bits, chunk=1 << 16):
 def _dequantize_block(qb, values, scale):
     out = np.empty(qb.size, np.float32)
     for i in range(qb.size):
-        out[i] = values[qb[i]] * scale
+        out[i] = _dequantize(values, qb[i], scale)
     return out
 
 
@@ -202,8 +208,7 @@ def lamb_norms_8bit(param, grad, m_q, m_absmax, m_values, v_q, v_absmax, v_value
 def lamb_apply_32bit(param, grad, m, v, hyper, neg_step):
     """LAMB pass 2 (float32 states): the same moments again, p += neg_step * r, store the moments."""
     for i in prange(param.size):
-        m[i], v[i] = _lamb_moments(grad[i], m[i], v[i], hyper)
-        param[i] = param[i] + neg_step * _lamb_direction(param[i], m[i], v[i], hyper)
+        param[i], m[i], v[i] = _lamb_apply(param[i], grad[i], m[i], v[i], hyper, neg_step)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -216,8 +221,7 @@ def lamb_apply_8bit(param, grad, m_q, m_absmax, m_values, m_search, m_zero, v_q,
         m = _dequantize_block(mqb, m_values, m_absmax[block])
         v = _dequantize_block(vqb, v_values, v_absmax[block])
         for i in range(pb.size):
-            m[i], v[i] = _lamb_moments(gb[i], m[i], v[i], hyper)
-            pb[i] = pb[i] + neg_step * _lamb_direction(pb[i], m[i], v[i], hyper)
+            pb[i], m[i], v[i] = _lamb_apply(pb[i], gb[i], m[i], v[i], hyper, neg_step)
         m_absmax[block] = _quantize_block(m, m.view(np.int32), mqb, m_search, m_zero)
         v_absmax[block] = _quantize_block(v, v.view(np.int32), vqb, v_search, v_zero)
 

@@ -52,6 +52,10 @@ class SearchTable:
     shift: int
     bias: int  # bucket = (key + bias) >> shift, never negative for -1 <= u <= 1
 
+    def __post_init__(self):
+        for a in (self.points, self.table):
+            a.setflags(write=False)  # shared through search_tables' cache; the CUDA kernels copy it once
+
     def args(self) -> tuple:
         """What the kernels take: (table, points, shift, bias)."""
         return self.table, self.points, self.shift, self.bias

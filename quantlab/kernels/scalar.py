@@ -1,8 +1,18 @@
 """Per-element maths shared by the CPU and CUDA kernels, written once as plain Python.
 
 ``compile_scalar_maths`` compiles these functions for one target: ``jit`` is ``numba.njit`` or
-``numba.cuda.jit(device=True)`` and ``float_of_bits`` is that target's int32 -> float32 bit cast.
-Indices are unsigned 64-bit: no negative-index handling in the hot loop, no overflow past 2**31.
+``numba.cuda.jit(device=True)``, ``float_of_bits`` is that target's int32 -> float32 bit cast and
+``mul`` its float32 product. Indices are unsigned 64-bit: no negative-index handling in the hot
+loop, no overflow past 2**31.
+
+No min() or max(): Numba 0.66 to 0.68 cannot compile them for CUDA (numba issue #10753).
+
+Every float32 product goes through ``mul``, so that each is rounded on its own, as in the reference.
+NVVM contracts ``a * b + c`` into a fused multiply-add by default (even without fastmath), which
+rounds once instead of twice; on a GPU ``mul`` is libdevice's ``fmul_rn`` (CUDA C's __fmul_rn),
+which is never contracted. On the CPU it is a plain product: LLVM does not contract without
+fastmath. The float64 squares of the LAMB norms are exact (24-bit significands), so contracting
+their sum cannot change it.
 """
 from __future__ import annotations
 
@@ -19,11 +29,12 @@ INF_BITS = 0x7F800000  # |x| bits at or above this are Inf or NaN
 ADAM, SGD, LION, RMSPROP, ADAGRAD = 0, 1, 2, 3, 4
 
 
-def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
+def compile_scalar_maths(jit, float_of_bits, mul) -> SimpleNamespace:
     @jit
     def block_bounds(block, block_size, n):
         start = np.int64(block) * np.int64(block_size)
-        return start, min(start + np.int64(block_size), np.int64(n))
+        end = start + np.int64(block_size)
+        return start, end if end < n else np.int64(n)
 
     @jit
     def search(u, u_bits, table, points, shift, bias):
@@ -47,18 +58,22 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
         return float_of_bits(np.int32(largest_magnitude_bits))
 
     @jit
+    def dequantize(values, index, absmax):
+        return mul(values[index], absmax)
+
+    @jit
     def adam_update(p, g, m, v, hyper):
         """One Adam/AdamW element update in float32, in torch.optim.Adam's order of operations.
 
         hyper (float32, see reference.adam_hyperparameters): L2 decay, decoupled decay factor,
         1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps, -lr / bias correction 1.
         """
-        g = g + hyper[0] * p
-        p = p * hyper[1]
-        m = m + hyper[2] * (g - m)
-        v = v * hyper[3] + (hyper[4] * g) * g
+        g = g + mul(hyper[0], p)
+        p = mul(p, hyper[1])
+        m = m + mul(hyper[2], g - m)
+        v = mul(v, hyper[3]) + mul(mul(hyper[4], g), g)
         denom = math.sqrt(v) / hyper[5] + hyper[6]
-        p = p + (hyper[7] * m) / denom
+        p = p + mul(hyper[7], m) / denom
         return p, m, v
 
     @jit
@@ -67,13 +82,13 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
 
         hyper: see reference.sgd_hyperparameters.
         """
-        g = g + hyper[0] * p
-        buf = buf * hyper[1] + hyper[2] * g
+        g = g + mul(hyper[0], p)
+        buf = mul(buf, hyper[1]) + mul(hyper[2], g)
         if hyper[3] != 0:
-            g = g + hyper[4] * buf
+            g = g + mul(hyper[4], buf)
         else:
             g = buf
-        return p + hyper[5] * g, buf
+        return p + mul(hyper[5], g), buf
 
     @jit
     def lion_update(p, g, m, hyper):
@@ -81,51 +96,58 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
 
         hyper: see reference.lion_hyperparameters.
         """
-        p = p * hyper[0]
-        c = m + hyper[1] * (g - m)
-        direction = (c > 0) - (c < 0)
-        p = p + hyper[3] * np.float32(direction)
-        m = m + hyper[2] * (g - m)
+        p = mul(p, hyper[0])
+        c = m + mul(hyper[1], g - m)
+        direction = int(c > 0) - int(c < 0)  # int(): NumPy (the CUDA simulator) cannot subtract bools
+        p = p + mul(hyper[3], np.float32(direction))
+        m = m + mul(hyper[2], g - m)
         return p, m
 
     @jit
     def rmsprop_update(p, g, square_avg, other, hyper):
         """RMSprop in torch.optim.RMSprop's order; ``other`` is the centred gradient average
         (mode 1) or the momentum buffer (mode 2). hyper: see reference.rmsprop_hyperparameters."""
-        g = g + hyper[0] * p
-        square_avg = square_avg * hyper[1] + (hyper[2] * g) * g
+        g = g + mul(hyper[0], p)
+        square_avg = mul(square_avg, hyper[1]) + mul(mul(hyper[2], g), g)
         if hyper[4] == 1:
-            other = other + hyper[2] * (g - other)
-            # max(., 0): quantized averages can make the centred variance slightly negative
-            avg = math.sqrt(max(square_avg - other * other, np.float32(0))) + hyper[3]
+            other = other + mul(hyper[2], g - other)
+            # clamped at 0 (NaN passes): quantized averages can make the centred variance slightly negative
+            variance = square_avg - mul(other, other)
+            avg = math.sqrt(np.float32(0) if variance < 0 else variance) + hyper[3]
         else:
             avg = math.sqrt(square_avg) + hyper[3]
         if hyper[4] == 2:
-            other = other * hyper[5] + g / avg
-            p = p + hyper[6] * other
+            other = mul(other, hyper[5]) + g / avg
+            p = p + mul(hyper[6], other)
         else:
-            p = p + (hyper[6] * g) / avg
+            p = p + mul(hyper[6], g) / avg
         return p, square_avg, other
 
     @jit
     def adagrad_update(p, g, state_sum, hyper):
         """Adagrad in torch.optim.Adagrad's order. hyper: weight decay, eps, -lr / (1 + (step-1) lr_decay)."""
-        g = g + hyper[0] * p
-        state_sum = state_sum + g * g
-        return p + (hyper[2] * g) / (math.sqrt(state_sum) + hyper[1]), state_sum
+        g = g + mul(hyper[0], p)
+        state_sum = state_sum + mul(g, g)
+        return p + mul(hyper[2], g) / (math.sqrt(state_sum) + hyper[1]), state_sum
 
     @jit
     def lamb_moments(g, m, v, hyper):
         """LAMB's (You et al. 2019, Algorithm 2) moments, as Adam's without weight decay.
         hyper: see reference.lamb_hyperparameters."""
-        m = m + hyper[0] * (g - m)
-        v = v * hyper[1] + (hyper[2] * g) * g
+        m = m + mul(hyper[0], g - m)
+        v = mul(v, hyper[1]) + mul(mul(hyper[2], g), g)
         return m, v
 
     @jit
     def lamb_direction(p, m, v, hyper):
         """r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, in float32."""
-        return (m / hyper[3]) / (math.sqrt(v / hyper[4]) + hyper[5]) + hyper[6] * p
+        return (m / hyper[3]) / (math.sqrt(v / hyper[4]) + hyper[5]) + mul(hyper[6], p)
+
+    @jit
+    def lamb_apply(p, g, m, v, hyper, neg_step):
+        """LAMB's pass 2 on one element: this step's moments, then p + neg_step * r."""
+        m, v = lamb_moments(g, m, v, hyper)
+        return p + mul(neg_step, lamb_direction(p, m, v, hyper)), m, v
 
     @jit
     def update(kind, p, g, s1, s2, hyper):
@@ -142,6 +164,6 @@ def compile_scalar_maths(jit, float_of_bits) -> SimpleNamespace:
             p, s1 = adagrad_update(p, g, s1, hyper)
         return p, s1, s2
 
-    return SimpleNamespace(block_bounds=block_bounds, search=search,
-                           stochastic_round_up=stochastic_round_up, absmax_of_bits=absmax_of_bits,
-                           update=update, lamb_moments=lamb_moments, lamb_direction=lamb_direction)
+    return SimpleNamespace(block_bounds=block_bounds, search=search, stochastic_round_up=stochastic_round_up,
+                           absmax_of_bits=absmax_of_bits, dequantize=dequantize, update=update,
+                           lamb_moments=lamb_moments, lamb_direction=lamb_direction, lamb_apply=lamb_apply)

@@ -9,6 +9,9 @@ converted at the next step.
 """
 from __future__ import annotations
 
+from functools import partial
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -92,12 +95,19 @@ def check_param(param: torch.Tensor) -> None:
         raise ValueError("quantlab optimizers take contiguous parameters")
 
 
+STEP_KERNELS = ("step_32bit", "step_8bit", "lamb_norms_32bit", "lamb_norms_8bit", "lamb_apply_32bit", "lamb_apply_8bit")
+
+
 def kernels_for(t: torch.Tensor):
-    """The kernel module for a tensor's device (numba.cuda is imported only for CUDA tensors)."""
-    if t.device.type == "cuda":
-        from ..kernels import cuda
-        return cuda
-    return cpu
+    """The step kernels for a tensor's device: kernels.cpu, or kernels.cuda's launched on torch's
+    current stream (numba.cuda is imported only for CUDA tensors)."""
+    if t.device.type != "cuda":
+        return cpu
+    from ..kernels import cuda
+
+    with torch.cuda.device(t.device):
+        stream = kernels._cuda_stream()
+    return SimpleNamespace(**{name: partial(getattr(cuda, name), stream=stream) for name in STEP_KERNELS})
 
 
 def kernel_array(t: torch.Tensor):
