@@ -103,7 +103,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_base_class_defaults_and_make_method_errors():
-    assert set(METHODS) == {"moco", "simclr"} and all(issubclass(m, SSLMethod) for m in METHODS.values())
+    assert set(METHODS) == {"moco", "simclr", "dino", "swav", "mae"} and all(issubclass(m, SSLMethod) for m in METHODS.values())
     simclr = make_method("simclr", tiny_backbone(), 16)
     base = object()  # the defaults pass the caller's config through untouched
     assert simclr.view_configs(base) == [base, base]

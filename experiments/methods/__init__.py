@@ -49,10 +49,13 @@ def two_views(views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
-from experiments.methods.moco import MoCo  # noqa: E402  (the methods subclass SSLMethod above)
+from experiments.methods.dino import DINO  # noqa: E402  (the methods subclass SSLMethod above)
+from experiments.methods.mae import MAE  # noqa: E402
+from experiments.methods.moco import MoCo  # noqa: E402
 from experiments.methods.simclr import SimCLR  # noqa: E402
+from experiments.methods.swav import SwAV  # noqa: E402
 
-METHODS = {"moco": MoCo, "simclr": SimCLR}
+METHODS = {"moco": MoCo, "simclr": SimCLR, "dino": DINO, "swav": SwAV, "mae": MAE}
 
 
 def make_method(name: str, backbone: nn.Module, feature_dim: int, **options) -> SSLMethod:
