@@ -1,6 +1,10 @@
 """CPU kernels: bit-identical to quantlab.reference, exact table search, safe indexing, clear errors."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -190,3 +194,17 @@ def test_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("QUANTLAB_BACKEND", "gpu")
     with pytest.raises(ValueError, match="backend"):
         kernels.quantize_blockwise(x, ql.dynamic_code(), 64)
+
+
+def test_parallel_kernels_use_the_workqueue_layer_unless_told_otherwise():
+    # Numba's OpenMP layer spin-waits against torch's OpenMP threads (an 8-bit step 60x slower
+    # between a model's forward and backward passes); a fresh process shows which layer runs.
+    script = ("import numpy as np, numba; from quantlab import kernels, dynamic_code; "
+              "kernels.quantize_blockwise(np.ones(4096, np.float32), dynamic_code(True), 256); "
+              "print(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    default = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.split()[-1] == "workqueue"
+    chosen = subprocess.run([sys.executable, "-c", script], env={**env, "NUMBA_THREADING_LAYER": "omp"},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stdout.split()[-1] == "omp"

@@ -1,7 +1,6 @@
-"""torch optimizers with block-wise 8-bit states on quantlab's fused kernels (CPU, float32 parameters).
-
-This release has Adam, AdamW, SGD (momentum, dampening, Nesterov), Lion, RMSprop, Adagrad, LARS and
-LAMB; the CUDA step kernels and 16-bit parameters are the rest of issue 4.
+"""torch optimizers with block-wise 8-bit states on quantlab's fused kernels: Adam, AdamW, SGD
+(momentum, dampening, Nesterov), Lion, RMSprop, Adagrad, LARS and LAMB, for float32, float16 and
+bfloat16 parameters on the CPU or a CUDA device.
 """
 from .adam import Adam, AdamW
 from .lamb import LAMB
