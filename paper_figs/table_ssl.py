@@ -1,0 +1,46 @@
+"""Table: the SSL experiments' results, once recorded.
+
+Reads every results/ssl_*.json; skipped (with a message) while there is none. Each file is either
+``{"rows": [{column: value, ...}, ...], ...}`` or one flat ``{column: value}`` row; scalar columns
+are tabulated in first-seen order, one Markdown table per file, in out/table_ssl.md. (A dedicated
+figure can replace this generic table once the SSL result format settles.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import Skip, run_one, save_text
+
+
+def _rows(result) -> list[dict]:
+    rows = result.get("rows") if isinstance(result, dict) and "rows" in result else [result]
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def make(results: Path, out: Path) -> list[Path]:
+    paths = sorted(Path(results).glob("ssl_*.json"))
+    if not paths:
+        raise Skip(f"no {Path(results) / 'ssl_*.json'} yet (the SSL experiments record them)")
+    sections = []
+    for path in paths:
+        rows = _rows(json.loads(path.read_text()))
+        columns = [c for c in dict.fromkeys(k for r in rows for k in r)
+                   if all(isinstance(r.get(c), (str, int, float, bool, type(None))) for r in rows)]
+        if not rows or not columns:
+            sections.append(f"### {path.name}\n\n(no tabular rows)")
+            continue
+        lines = [f"### {path.name}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+        sections.append("\n".join(lines))
+    return [save_text("\n\n".join(sections), Path(out) / "table_ssl.md")]
+
+
+if __name__ == "__main__":
+    run_one(make)

@@ -1,0 +1,94 @@
+"""paper_figs: one command regenerates every figure and table from the recorded results; missing
+optional results are skipped, not fatal; the numbers come from the JSON, not the scripts."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "paper_figs" / "results"
+
+
+def run(*args, module="paper_figs"):
+    # paper_figs is not an installed package: run it, like its users, from the repository root
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_one_command_makes_every_figure_from_the_recorded_results(tmp_path):
+    done = run("--out", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("fig_code_error.png", "fig_code_error.md", "fig_quantize_speed.png", "fig_quantize_speed.md",
+                 "fig_optim_speed.png", "table_optim_speed.md"):
+        path = tmp_path / name
+        assert path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table's numbers are the recorded ones
+    single = json.loads((RESULTS / "bench_optim_single.json").read_text())
+    ours = next(r for r in single["rows"] if r["optimizer"] == "quantlab Adam 8-bit")
+    table = (tmp_path / "table_optim_speed.md").read_text()
+    assert f"| quantlab Adam 8-bit | {ours['ms_per_step']:.1f} |" in table
+    codes = json.loads((RESULTS / "code_error.json").read_text())
+    row = next(r for r in codes["by_block"]
+               if r["data"] == "Adam v" and r["code"] == "linear" and r["block_size"] == 256)
+    cell = f"{row['relative_error']:.2e} ({row['zero_rounding_fraction']:.1%})"
+    assert cell in (tmp_path / "fig_code_error.md").read_text()
+    if not list(RESULTS.glob("ssl_*.json")):
+        assert "table_ssl: skipped" in done.stdout
+
+
+def test_missing_results_are_skipped_with_the_command_that_records_them(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    shutil.copy(RESULTS / "bench_optim_models.json", results)  # one of the two optimizer files only
+    done = run("--results", results, "--out", out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fig_code_error: skipped" in done.stdout and "paper_figs.record_code_error" in done.stdout
+    assert "fig_quantize_speed: skipped" in done.stdout
+    assert "table_ssl: skipped" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["fig_optim_speed.png", "table_optim_speed.md"]
+    assert "ResNet-18" in (out / "table_optim_speed.md").read_text()
+
+
+def test_ssl_results_are_tabulated_when_present(tmp_path):
+    (tmp_path / "ssl_knn.json").write_text(json.dumps(
+        {"rows": [{"method": "simclr", "optimizer": "adamw-8bit", "knn_acc": 0.8125, "curve": [1, 2]}]}))
+    (tmp_path / "ssl_flat.json").write_text(json.dumps({"method": "moco", "linear_acc": 0.75}))
+    done = run("--results", tmp_path, "--out", tmp_path / "out", module="paper_figs.table_ssl")
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table_ssl.md").read_text()
+    assert "| method | optimizer | knn_acc |" in text and "| simclr | adamw-8bit | 0.8125 |" in text
+    assert "| moco | 0.75 |" in text and "curve" not in text
+
+
+def test_a_failing_script_fails_the_command(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "code_error.json").write_text(json.dumps({"by_block": [{"data": "x"}], "by_bits": [{}]}))
+    done = run("--results", results, "--out", tmp_path / "out", "--only", "fig_code_error")
+    assert done.returncode == 1 and "fig_code_error: FAILED" in done.stdout
+
+
+def test_recording_the_code_error_study(tmp_path):
+    done = run("--n", "4096", "--out", tmp_path, module="paper_figs.record_code_error")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "code_error.json").read_text())
+    assert result["n"] == 4096 and len(result["by_block"]) == 4 * 5 * 8 - 8  # no symmetric code for v
+    assert {r["block_size"] for r in result["by_bits"]} == {256, "tensor"}
+    done = run("--results", tmp_path, "--out", tmp_path / "out", module="paper_figs.fig_code_error")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fig_code_error.md", "fig_code_error.png"]
+
+
+@pytest.mark.parametrize("module", ["fig_code_error", "fig_quantize_speed", "fig_optim_speed", "table_optim_speed",
+                                    "table_ssl"])
+def test_each_script_runs_on_its_own(module, tmp_path):
+    done = run("--out", tmp_path, module=f"paper_figs.{module}")
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout or "skipped" in done.stdout
