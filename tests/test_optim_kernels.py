@@ -71,7 +71,10 @@ def adam_hyper(draw):
 @st.composite
 def adam_arrays(draw, max_n):
     """param, grad, m (signed), v (>= 0) as float32; zero_fraction 0 .. 0.9 (0.9 makes all-zero blocks)."""
-    n = draw(st.one_of(st.sampled_from([1, 2, 255, 256, 257]), st.integers(1, max_n)))
+    # sizes on both sides of the kernels' serial/parallel switch too
+    serial = cpu.SERIAL_ELEMENTS
+    n = draw(st.one_of(st.sampled_from([1, 2, 255, 256, 257, serial, serial + 1, 3 * serial + 7]),
+                       st.integers(1, max_n)))
     seed = draw(st.integers(0, 2**32 - 1))
     zero_fraction = draw(st.sampled_from([0.0, 0.05, 0.5, 0.9]))
     fresh = draw(st.booleans())  # the first step starts from all-zero states

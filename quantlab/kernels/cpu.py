@@ -26,6 +26,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 from .scalar import INF_BITS, MAGNITUDE_BITS, compile_scalar_maths
 
 _jit = numba.njit(cache=True, inline="always")
+# Arrays up to this size are stepped and checked in a plain loop: a parallel launch costs ~0.1 ms,
+# more than the work on a bias or a norm's weight, and a model has many of those.
+SERIAL_ELEMENTS = 1 << 14
 
 
 @_jit
@@ -131,6 +134,8 @@ def dequantize_blockwise(q, absmax, values, block_size, out):
 @numba.njit(parallel=True, cache=True)
 def largest_magnitude_bits(x_bits, chunk=1 << 16):
     """max |x| as int32 bits over an array (>= INF_BITS when it holds NaN or Inf)."""
+    if x_bits.size <= SERIAL_ELEMENTS:
+        return np.int64(_block_absmax_bits(x_bits))
     chunks = (x_bits.size + chunk - 1) // chunk
     partial = np.zeros(chunks, np.int64)
     for c in prange(chunks):
@@ -147,17 +152,26 @@ def _dequantize_block(qb, values, scale):
     return out
 
 
+@_jit
+def _step_element(i, kind, n_states, param, grad, s1, s2, hyper):
+    a = s1[i] if n_states >= 1 else np.float32(0)
+    b = s2[i] if n_states == 2 else np.float32(0)
+    param[i], a, b = _update(kind, param[i], grad[i], a, b, hyper)
+    if n_states >= 1:
+        s1[i] = a
+    if n_states == 2:
+        s2[i] = b
+
+
 @numba.njit(parallel=True, cache=True)
 def step_32bit(kind, n_states, param, grad, s1, s2, hyper):
     """One optimizer step with float32 states (0, 1 or 2 of them), in place."""
-    for i in prange(param.size):
-        a = s1[i] if n_states >= 1 else np.float32(0)
-        b = s2[i] if n_states == 2 else np.float32(0)
-        param[i], a, b = _update(kind, param[i], grad[i], a, b, hyper)
-        if n_states >= 1:
-            s1[i] = a
-        if n_states == 2:
-            s2[i] = b
+    if param.size <= SERIAL_ELEMENTS:
+        for i in range(param.size):
+            _step_element(i, kind, n_states, param, grad, s1, s2, hyper)
+    else:
+        for i in prange(param.size):
+            _step_element(i, kind, n_states, param, grad, s1, s2, hyper)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -166,20 +180,32 @@ def step_8bit(kind, n_states, param, grad, hyper, block_size, q1, absmax1, value
     """One optimizer step with 1 or 2 block-wise 8-bit states, in place, one pass per block:
     dequantize the states into block-sized buffers, update them and the parameter in float32,
     requantize. With one state, q2/absmax2 are not touched."""
-    for block in prange(absmax1.size):
-        start, end = _block_bounds(block, block_size, param.size)
-        pb, gb, q1b = param[start:end], grad[start:end], q1[start:end]
-        # The table look-ups come first, apart, so that the update loop below vectorises.
-        s1 = _dequantize_block(q1b, values1, absmax1[block])
-        if n_states == 2:
-            s2 = _dequantize_block(q2[start:end], values2, absmax2[block])
-        else:
-            s2 = np.zeros(pb.size, np.float32)
-        for i in range(pb.size):
-            pb[i], s1[i], s2[i] = _update(kind, pb[i], gb[i], s1[i], s2[i], hyper)
-        absmax1[block] = _quantize_block(s1, s1.view(np.int32), q1b, search1, zero1)
-        if n_states == 2:
-            absmax2[block] = _quantize_block(s2, s2.view(np.int32), q2[start:end], search2, zero2)
+    if param.size <= SERIAL_ELEMENTS:
+        for block in range(absmax1.size):
+            _step_block(block, kind, n_states, param, grad, hyper, block_size, q1, absmax1, values1, search1, zero1,
+                        q2, absmax2, values2, search2, zero2)
+    else:
+        for block in prange(absmax1.size):
+            _step_block(block, kind, n_states, param, grad, hyper, block_size, q1, absmax1, values1, search1, zero1,
+                        q2, absmax2, values2, search2, zero2)
+
+
+@_jit
+def _step_block(block, kind, n_states, param, grad, hyper, block_size, q1, absmax1, values1, search1, zero1,
+                q2, absmax2, values2, search2, zero2):
+    start, end = _block_bounds(block, block_size, param.size)
+    pb, gb, q1b = param[start:end], grad[start:end], q1[start:end]
+    # The table look-ups come first, apart, so that the update loop below vectorises.
+    s1 = _dequantize_block(q1b, values1, absmax1[block])
+    if n_states == 2:
+        s2 = _dequantize_block(q2[start:end], values2, absmax2[block])
+    else:
+        s2 = np.zeros(pb.size, np.float32)
+    for i in range(pb.size):
+        pb[i], s1[i], s2[i] = _update(kind, pb[i], gb[i], s1[i], s2[i], hyper)
+    absmax1[block] = _quantize_block(s1, s1.view(np.int32), q1b, search1, zero1)
+    if n_states == 2:
+        absmax2[block] = _quantize_block(s2, s2.view(np.int32), q2[start:end], search2, zero2)
 
 
 @_jit

@@ -1,0 +1,177 @@
+"""Sweeps: every methods x optimizers x seeds combination as an independent run, filling the local cores.
+
+    python -m experiments.sweep --out results/table1 --methods moco simclr --optimizers fp32 8bit \\
+        --seeds 0 1 2 --workers 2 --set dataset=fashion-mnist --set epochs=2
+    python -m experiments.sweep --out results/table1 ... --print-commands   # one shell line per run
+
+Each run is `python -m experiments pretrain` then `python -m experiments evaluate` into
+OUT/runs/METHOD-OPTIMIZER-seedN, in a process of its own with torch threads = cores / workers; its
+output goes to the run's log.txt. Evaluated runs are skipped and interrupted ones resumed, so
+running the same command again completes a sweep. On a cluster, hand the lines of
+--print-commands to the launcher you have (a SLURM array job, GNU parallel, ...: each line is
+independent), then run the sweep command once more with --table-only to build the table.
+
+The table (OUT/table.md and table.json) has the shape of the paper's Table 1: per method and
+optimizer the median over seeds of the k-NN and linear-probe accuracies with their spread (max -
+min), and per method the median difference of each optimizer from fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+OPTIMIZER_PRESETS = {
+    "fp32": ["--optimizer", "torch-adamw"],
+    "8bit": ["--optimizer", "quantlab-adamw", "--state-bits", "8"],
+    "quantlab-32bit": ["--optimizer", "quantlab-adamw", "--state-bits", "32"],
+    "bnb-8bit": ["--optimizer", "bnb-adamw8bit"],
+}
+METRICS = ("knn_accuracy", "linear_accuracy")
+
+
+def run_name(method: str, optimizer: str, seed: int) -> str:
+    return f"{method}-{optimizer}-seed{seed}"
+
+
+def run_commands(run_dir: Path, method: str, optimizer: str, seed: int, overrides: list[str], threads: int):
+    """The pretrain and evaluate command lines of one run (pretrain resumes an interrupted run)."""
+    python = [sys.executable, "-m", "experiments"]
+    pretrain = [*python, "pretrain", "--method", method, *OPTIMIZER_PRESETS[optimizer], "--seed", str(seed),
+                "--threads", str(threads), "--quiet", "--out", str(run_dir)]
+    pretrain += [arg for text in overrides for arg in ("--set", text)]
+    if (run_dir / "checkpoint.pt").exists():
+        pretrain.append("--resume")
+    return [pretrain, [*python, "evaluate", str(run_dir)]]
+
+
+def execute(run_dir: Path, commands, threads: int) -> float:
+    """Runs one run's commands (pretrain skipped once summary.json exists); returns seconds taken."""
+    # Numba's parallel kernels get the run's share of the cores too, not all of them
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.txt", "a") as log:
+        for command in commands:
+            if command[3] == "pretrain" and (run_dir / "summary.json").exists():
+                continue
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}; see {run_dir}/log.txt")
+    return time.perf_counter() - start
+
+
+def run_result(run_dir: Path) -> dict | None:
+    """A finished run's numbers, or None while it has no eval.json."""
+    if not (run_dir / "eval.json").exists():
+        return None
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**{k: evaluation[k] for k in METRICS}, "optimizer_state_bytes": summary["optimizer_state_bytes"],
+            "optimizer_ms_per_step": summary["time_split"]["optimizer_s"]["median_ms"],
+            "model_ms_per_step": summary["time_split"]["model_s"]["median_ms"], "wall_s": summary["elapsed_s"]}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians and spreads over seeds per (method, optimizer); differences of medians from fp32."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["optimizer"]), []).append(run)
+    rows = []
+    for (method, optimizer), members in groups.items():
+        row = {"method": method, "optimizer": optimizer, "seeds": sorted(r["seed"] for r in members)}
+        for key in (*METRICS, "optimizer_state_bytes", "optimizer_ms_per_step", "model_ms_per_step"):
+            values = [r[key] for r in members]
+            row[key] = statistics.median(values)
+            row[f"{key}_spread"] = max(values) - min(values)
+        rows.append(row)
+    for row in rows:
+        baseline = next((r for r in rows if r["method"] == row["method"] and r["optimizer"] == "fp32"), None)
+        for key in METRICS:
+            row[f"{key}_minus_fp32"] = None if baseline is None else row[key] - baseline[key]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def acc(row, key):
+        difference = row[f"{key}_minus_fp32"]
+        text = f"{100 * row[key]:.1f} ± {100 * row[key + '_spread'] / 2:.1f}"
+        return text + ("" if difference is None or row["optimizer"] == "fp32" else f" ({100 * difference:+.1f})")
+
+    lines = ["| method | optimizer state | seeds | k-NN % | linear probe % | state KiB | optimizer ms/step | model ms/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["method"], list(OPTIMIZER_PRESETS).index(r["optimizer"]))):
+        lines.append(f"| {row['method']} | {row['optimizer']} | {len(row['seeds'])} | {acc(row, 'knn_accuracy')} | "
+                     f"{acc(row, 'linear_accuracy')} | {row['optimizer_state_bytes'] / 2**10:.0f} | "
+                     f"{row['optimizer_ms_per_step']:.1f} | {row['model_ms_per_step']:.0f} |")
+    lines.append("\nMedians over seeds ± half the spread (max - min); in brackets the difference of medians from fp32, "
+                 "in points.")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, plan) -> list[dict]:
+    runs = []
+    for method, optimizer, seed in plan:
+        result = run_result(out / "runs" / run_name(method, optimizer, seed))
+        if result is not None:
+            runs.append({"method": method, "optimizer": optimizer, "seed": seed, **result})
+    rows = summarize(runs)
+    (out / "table.json").write_text(json.dumps({"runs": runs, "summary": rows}, indent=2))
+    (out / "table.md").write_text(markdown(rows))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--methods", nargs="+", default=["moco", "simclr"])
+    parser.add_argument("--optimizers", nargs="+", default=["fp32", "8bit"], choices=list(OPTIMIZER_PRESETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every run's pretrain (see python -m experiments pretrain)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--print-commands", action="store_true", help="print each run's commands and exit")
+    parser.add_argument("--table-only", action="store_true", help="build the table from finished runs")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    plan = [(m, o, s) for m in args.methods for o in args.optimizers for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    commands = {run: run_commands(args.out / "runs" / run_name(*run), *run, args.overrides, threads) for run in plan}
+    if args.print_commands:
+        for run in plan:
+            print(" && ".join(" ".join(command) for command in commands[run]))
+        return []
+    args.out.mkdir(parents=True, exist_ok=True)
+    failures = []
+    if not args.table_only:
+        todo = [run for run in plan if run_result(args.out / "runs" / run_name(*run)) is None]
+        print(f"{len(plan) - len(todo)} of {len(plan)} runs already evaluated; {len(todo)} to go on "
+              f"{args.workers} workers x {threads} threads", flush=True)
+        with ThreadPoolExecutor(args.workers) as pool:
+            futures = {pool.submit(execute, args.out / "runs" / run_name(*run), commands[run], threads): run for run in todo}
+            for done, future in enumerate(as_completed(futures), 1):
+                name = run_name(*futures[future])
+                try:
+                    print(f"[{done}/{len(todo)}] {name} finished in {future.result():.0f} s", flush=True)
+                except RuntimeError as error:
+                    failures.append(name)
+                    print(f"[{done}/{len(todo)}] {name} FAILED: {error}", flush=True)
+    rows = write_table(args.out, plan)
+    print(markdown(rows))
+    print(f"saved {args.out}/table.md and table.json")
+    if failures:
+        sys.exit(f"{len(failures)} runs failed: {', '.join(failures)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Pretrain a self-supervised method one epoch at a time (the engine of facebookresearch/mae's
+main_pretrain), and evaluate the backbone it leaves.
+
+A run directory holds:
+    config.json      the RunConfig
+    versions.json    library versions, platform, CPU count, git commit
+    metrics.jsonl    one line a step: step, epoch, loss, lr, and seconds spent in data + augmentation,
+                     forward + backward, and the optimizer step
+    checkpoint.pt    method and optimizer state, step, config and the metrics so far; written
+                     atomically every `checkpoint_every` steps and at the end
+    metrics.csv, summary.json   at the end (summary: losses, time split, optimizer state bytes)
+    eval.json        from evaluate_run
+
+Resuming on the CPU is bit-identical to not stopping: an epoch's data order comes from a generator
+seeded with (seed, epoch), and each step seeds both its augmentation generator and torch's global
+generator from (seed, step), so no random state crosses a step boundary outside the checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numba
+import torch
+
+from experiments.augment import augment
+from experiments.backbones import make_backbone
+from experiments.config import RunConfig, make_optimizer
+from experiments.data import ImageDataset, load_dataset, to_float
+from experiments.evaluate import extract_features, fine_tune, knn_accuracy, linear_probe
+from experiments.methods import make_method
+
+PHASES = ("data_s", "model_s", "optimizer_s")  # data + augmentation, forward + backward, optimizer step
+# a resumed run may change these: they do not touch the training computation up to the saved step
+RESUMABLE_CHANGES = {"epochs", "checkpoint_every", "knn_k", "knn_temperature", "probe_epochs", "eval_subset",
+                     "finetune_fractions", "finetune_epochs", "finetune_lr"}
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed for one use (an epoch's order, a step's augmentation) of the run's seed."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def fixed_subset(dataset: ImageDataset, n: int | None) -> ImageDataset:
+    """The first n images of a permutation that depends on nothing (not the run's seed), so runs
+    with different seeds see the same images."""
+    if n is None:
+        return dataset
+    if n > len(dataset):
+        raise ValueError(f"asked for {n} images of {dataset.name}, which has {len(dataset)}")
+    return dataset.subset(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n])
+
+
+def build_method(config: RunConfig):
+    """The method with a freshly initialised backbone; torch's generator seeded for the initial weights."""
+    torch.manual_seed(config.seed)
+    backbone, feature_dim = make_backbone(config.backbone)
+    return make_method(config.method, backbone, feature_dim, **config.method_options).to(config.device)
+
+
+def cosine_learning_rate(step: int, total_steps: int, steps_per_epoch: int, config: RunConfig) -> float:
+    """Linear warm-up, then half a cosine to 0 (Loshchilov & Hutter 2017, as MoCo v2 uses)."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return config.lr * step / warmup
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads and Numba's (quantlab's optimizer kernels) both, when the config sets them."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_one_epoch(method, optimizer, images: torch.Tensor, config: RunConfig, epoch: int, step: int,
+                    total_steps: int, after_step) -> int:
+    """Steps of one epoch from global `step` to the epoch's end; calls after_step(record) after each.
+    Returns the global step reached."""
+    steps_per_epoch = len(images) // config.batch_size
+    epoch_generator = torch.Generator().manual_seed(derived_seed(config.seed, "epoch", epoch))
+    order = torch.randperm(len(images), generator=epoch_generator)
+    view_configs = method.view_configs(config.augment_config())
+    method.train()
+    for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, "augment", step))
+        torch.manual_seed(derived_seed(config.seed, "step", step))  # dropout, drop-path, anything else
+        batch = to_float(images[order[i * config.batch_size:(i + 1) * config.batch_size]]).to(config.device)
+        views = [augment(batch, view_config, generator) for view_config in view_configs]
+        synchronize(config.device)
+        data_done = time.perf_counter()
+
+        lr = cosine_learning_rate(step, total_steps, steps_per_epoch, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = method(views)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        synchronize(config.device)
+        model_done = time.perf_counter()
+
+        optimizer.step()
+        synchronize(config.device)
+        optimizer_done = time.perf_counter()
+
+        method.on_step_end(step, total_steps)
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch})")
+        step += 1
+        after_step({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "data_s": data_done - start,
+                    "model_s": model_done - data_done, "optimizer_s": optimizer_done - model_done})
+    return step
+
+
+class Progress:
+    """step/total, loss, steps/s and ETA on stderr: one updating line on a terminal, else a line every 10 s."""
+
+    def __init__(self, total_steps: int, first_step: int, enabled: bool):
+        self.total, self.first, self.enabled = total_steps, first_step, enabled
+        self.start = self.last_line = time.perf_counter()
+        self.terminal = sys.stderr.isatty()
+
+    def update(self, record: dict) -> None:
+        now = time.perf_counter()
+        done = record["step"] == self.total
+        if not self.enabled or not (self.terminal or done or now - self.last_line >= 10):
+            return
+        self.last_line = now
+        rate = (record["step"] - self.first) / max(now - self.start, 1e-9)
+        eta = (self.total - record["step"]) / max(rate, 1e-9)
+        line = (f"step {record['step']}/{self.total} | epoch {record['epoch'] + 1} | loss {record['loss']:.4f} | "
+                f"{rate:.2f} steps/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+        print(("\r" if self.terminal else "") + line, end="\n" if done or not self.terminal else "",
+              file=sys.stderr, flush=True)
+
+
+def save_atomically(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a crash
+    leaves the old checkpoint or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(run_dir) -> dict:
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint.pt in {run_dir}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in current if current[k] != saved.get(k)) if saved.keys() == current.keys() else ["keys"]
+    if set(changed) - RESUMABLE_CHANGES:
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {changed} "
+                         f"(only {sorted(RESUMABLE_CHANGES)} may change)")
+    if total_steps < step:
+        raise ValueError(f"cannot resume: the checkpoint is at step {step}, past this config's {total_steps} steps")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in optimizer.state, each storage counted once."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def versions() -> dict:
+    """What produced a run: library versions, platform, CPU count, git commit."""
+    import quantlab
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "quantlab": quantlab.__version__}
+    for package in ("torch", "torchvision", "numpy", "numba", "bitsandbytes"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def summarize(metrics: list[dict], optimizer, method, elapsed_s: float) -> dict:
+    """Final losses, where the step time went, and the optimizer state's size."""
+    totals = {phase: sum(m[phase] for m in metrics) for phase in PHASES}
+    step_total = sum(totals.values())
+    parameters = sum(p.numel() for p in method.trainable_parameters())
+    state_bytes = optimizer_state_bytes(optimizer)
+    # 8-bit optimizers keep float32 states for tensors under min_8bit_size elements
+    in_8bit = sum(p.numel() for p, state in optimizer.state.items()
+                  if any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in state.values()))
+    return {
+        "steps": len(metrics),
+        "last_loss": metrics[-1]["loss"],
+        "mean_loss_last_10": statistics.fmean(m["loss"] for m in metrics[-10:]),
+        "elapsed_s": elapsed_s,
+        "trainable_parameters": parameters,
+        "optimizer_state_bytes": state_bytes,
+        "optimizer_state_bytes_per_parameter": state_bytes / parameters,
+        "fraction_of_parameters_with_8bit_state": in_8bit / parameters,
+        "time_split": {phase: {"median_ms": 1e3 * statistics.median(m[phase] for m in metrics),
+                               "total_s": totals[phase], "fraction": totals[phase] / step_total} for phase in PHASES},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # the whole process's peak
+    }
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def pretrain(config: RunConfig, out_dir, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train config.method for config.epochs in out_dir; returns the summary (also summary.json).
+
+    resume=True continues from out_dir/checkpoint.pt; without it an existing checkpoint is an error
+    unless overwrite=True.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_threads(config.threads)
+    images = fixed_subset(load_dataset(config.dataset, "train", root=config.data_root), config.train_subset).images
+    steps_per_epoch = len(images) // config.batch_size  # drop_last: every step sees a full batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(images)} training images")
+    total_steps = config.epochs * steps_per_epoch
+
+    method = build_method(config)
+    optimizer = make_optimizer(config, method.trainable_parameters())
+    metrics, step, elapsed_before = [], 0, 0.0
+    if resume:
+        checkpoint = load_checkpoint(out_dir)
+        check_resumable(checkpoint["config"], config, checkpoint["step"], total_steps)
+        method.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        metrics, step, elapsed_before = checkpoint["metrics"], checkpoint["step"], checkpoint["elapsed_s"]
+    elif (out_dir / "checkpoint.pt").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run: resume it, or choose another directory")
+    config.save(out_dir / "config.json")
+    (out_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
+    write_jsonl(out_dir / "metrics.jsonl", metrics)  # on resume: cut back to the checkpoint's step
+
+    def save_checkpoint():
+        save_atomically({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "epoch": step // steps_per_epoch, "config": config.to_dict(), "metrics": metrics,
+                         "elapsed_s": elapsed_before + time.perf_counter() - started}, out_dir / "checkpoint.pt")
+
+    bar = Progress(total_steps, step, progress)
+    with open(out_dir / "metrics.jsonl", "a") as log:
+        def after_step(record):
+            nonlocal step
+            step = record["step"]
+            metrics.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(record)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint()
+
+        for epoch in range(step // steps_per_epoch, config.epochs):
+            step = train_one_epoch(method, optimizer, images, config, epoch, step, total_steps, after_step)
+    save_checkpoint()
+    write_csv(out_dir / "metrics.csv", metrics)
+    summary = summarize(metrics, optimizer, method, elapsed_before + time.perf_counter() - started)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_run_config(run_dir) -> RunConfig:
+    return RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def evaluate_backbone(backbone, config: RunConfig, finetune: bool = False) -> dict:
+    """k-NN and linear-probe test accuracy of the frozen backbone on config.dataset (and fine-tuning
+    accuracy at each of config.finetune_fractions of the labels, when asked)."""
+    use_threads(config.threads)
+    train, test = (load_dataset(config.dataset, split, root=config.data_root) for split in ("train", "test"))
+    if config.eval_subset is not None:
+        train, test = (fixed_subset(split, min(config.eval_subset, len(split))) for split in (train, test))
+    started = time.perf_counter()
+    train_features, test_features = extract_features(backbone, train.images), extract_features(backbone, test.images)
+    result = {"train_images": len(train), "test_images": len(test),
+              "knn_accuracy": knn_accuracy(train_features, train.labels, test_features, test.labels,
+                                           k=config.knn_k, temperature=config.knn_temperature),
+              "linear_accuracy": linear_probe(train_features, train.labels, test_features, test.labels,
+                                              epochs=config.probe_epochs, seed=config.seed)}
+    if finetune:
+        result["finetune_accuracy"] = {
+            str(fraction): fine_tune(backbone, train, test, fraction, config.finetune_epochs, config.finetune_lr,
+                                     config.seed) for fraction in config.finetune_fractions}
+    result["eval_s"] = time.perf_counter() - started
+    return result
+
+
+def evaluate_run(run_dir, finetune: bool = False) -> dict:
+    """evaluate_backbone on the run's final checkpoint; saves eval.json in the run directory."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    method = build_method(config)
+    method.load_state_dict(checkpoint["model"])
+    result = {"step": checkpoint["step"], **evaluate_backbone(method.backbone, config, finetune)}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

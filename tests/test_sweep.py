@@ -1,0 +1,58 @@
+"""The sweep runner: medians and spreads over seeds, differences from fp32, resumable runs."""
+import json
+
+import pytest
+
+from experiments import sweep
+
+
+def fake_run(method, optimizer, seed, knn, linear):
+    return {"method": method, "optimizer": optimizer, "seed": seed, "knn_accuracy": knn, "linear_accuracy": linear,
+            "optimizer_state_bytes": 100, "optimizer_ms_per_step": 1.0, "model_ms_per_step": 10.0, "wall_s": 5.0}
+
+
+def test_summary_takes_medians_and_spreads_over_seeds_and_differences_from_fp32():
+    runs = [fake_run("moco", "fp32", 0, 0.80, 0.70), fake_run("moco", "fp32", 1, 0.84, 0.72),
+            fake_run("moco", "fp32", 2, 0.82, 0.90),
+            fake_run("moco", "8bit", 0, 0.79, 0.71), fake_run("moco", "8bit", 1, 0.85, 0.73),
+            fake_run("moco", "8bit", 2, 0.81, 0.75)]
+    rows = {r["optimizer"]: r for r in sweep.summarize(runs)}
+    assert rows["fp32"]["knn_accuracy"] == pytest.approx(0.82)
+    assert rows["fp32"]["knn_accuracy_spread"] == pytest.approx(0.04)
+    assert rows["fp32"]["linear_accuracy"] == pytest.approx(0.72)
+    assert rows["8bit"]["knn_accuracy_minus_fp32"] == pytest.approx(0.81 - 0.82)
+    assert rows["8bit"]["linear_accuracy_minus_fp32"] == pytest.approx(0.73 - 0.72)
+    assert rows["fp32"]["seeds"] == [0, 1, 2]
+    text = sweep.markdown(list(rows.values()))
+    assert "| moco | fp32 | 3 | 82.0 ± 2.0 |" in text and "(-1.0)" in text
+
+
+def test_summary_without_fp32_has_no_difference():
+    rows = sweep.summarize([fake_run("simclr", "8bit", 0, 0.5, 0.5)])
+    assert rows[0]["knn_accuracy_minus_fp32"] is None
+
+
+def test_print_commands_lists_one_line_per_run(tmp_path, capsys):
+    sweep.main(["--out", str(tmp_path), "--methods", "moco", "simclr", "--optimizers", "fp32", "8bit",
+                "--seeds", "0", "1", "--set", "epochs=1", "--print-commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8
+    assert all("pretrain" in line and "evaluate" in line and "--set epochs=1" in line for line in lines)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_sweep_runs_evaluates_and_skips_finished_runs(tmp_path):
+    args = ["--out", str(tmp_path), "--methods", "simclr", "--optimizers", "fp32", "8bit", "--seeds", "0",
+            "--workers", "2", "--set", "train_subset=32", "--set", "batch_size=16", "--set", "eval_subset=64",
+            "--set", "probe_epochs=5", "--set", "knn_k=5"]
+    rows = sweep.main(args)
+    assert {r["optimizer"] for r in rows} == {"fp32", "8bit"}
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert len(saved["runs"]) == 2 and all(0 <= r["knn_accuracy"] <= 1 for r in saved["runs"])
+    # 8-bit state is smaller than fp32 state for the same model
+    by = {r["optimizer"]: r for r in saved["runs"]}
+    assert by["8bit"]["optimizer_state_bytes"] < by["fp32"]["optimizer_state_bytes"]
+    log = tmp_path / "runs" / "simclr-8bit-seed0" / "log.txt"
+    before = log.read_text()
+    sweep.main(args)  # everything evaluated: nothing runs again
+    assert log.read_text() == before
