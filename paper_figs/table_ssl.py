@@ -35,7 +35,11 @@ def make(results: Path, out: Path) -> list[Path]:
     for path in paths:
         result = json.loads(path.read_text())
         if isinstance(result, dict) and "command" in result and "runs" in result:
-            sections.append(f"### {path.name}\n\n{result.get('what', '')}\n\n{sweep.markdown(result['rows'])}\n"
+            untrained = result.get("untrained_backbone")
+            baseline = "" if untrained is None else (
+                f"\nUntrained backbone ({untrained['what']}): k-NN {100 * untrained['knn_accuracy_median']:.1f} %, "
+                f"linear probe {100 * untrained['linear_accuracy_median']:.1f} % (medians).\n")
+            sections.append(f"### {path.name}\n\n{result.get('what', '')}\n\n{sweep.markdown(result['rows'])}{baseline}\n"
                             f"Reproduce: `{result['command']}`")
             continue
         rows = _rows(result)
