@@ -141,11 +141,16 @@ def float32_chunks(p: torch.Tensor, align: int):
 
 def gradients_finite(params) -> bool:
     """CPU float32 gradients: one integer-max pass each (see kernels.cpu.largest_magnitude_bits);
-    others (16-bit, CUDA): torch.isfinite."""
+    CUDA: torch.isfinite (one synchronisation); CPU 16-bit: torch.isfinite by chunks, so that the
+    check's temporaries stay chunk-sized."""
     for p in params:
         g = p.grad.detach()
-        if g.is_cuda or g.dtype != torch.float32:
+        if g.is_cuda:
             finite = bool(torch.isfinite(g).all())
+        elif g.dtype != torch.float32:
+            flat = g.reshape(-1)
+            finite = all(bool(torch.isfinite(flat[i:i + CHUNK_ELEMENTS]).all())
+                         for i in range(0, flat.numel(), CHUNK_ELEMENTS))
         else:
             g = g if g.is_contiguous() else g.contiguous()
             finite = cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) < INF_BITS
