@@ -7,23 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from experiments import bench_optim
+
 from .common import environment_line, run_one, save_text
-from .optim_results import cases, load_optim
+from .optim_results import load_optim
 
 
 def make(results: Path, out: Path) -> list[Path]:
     rows, checks, environments = load_optim(results)
-    lines = ["| parameters | optimizer | ms / step | vs torch fused | vs bitsandbytes 8-bit | state B/param "
-             "| peak extra B/param during step |", "|---|---|---:|---:|---:|---:|---:|"]
-    for case in cases(rows):
-        by = {r["optimizer"]: r for r in rows if r["case"] == case}
-        fused, bnb = by.get("torch Adam (fused)"), by.get("bitsandbytes Adam8bit")
-        for name, r in by.items():
-            vs_fused = f"{fused['ms_per_step'] / r['ms_per_step']:.2f}x" if fused else "-"
-            vs_bnb = f"{bnb['ms_per_step'] / r['ms_per_step']:.1f}x" if bnb else "-"
-            lines.append(f"| {case} ({r['params'] / 1e6:.1f} M) | {name} | {r['ms_per_step']:.1f} | {vs_fused} | "
-                         f"{vs_bnb} | {r['state_bytes_per_param']:.2f} | {r['peak_extra_bytes_per_param']:.2f} |")
-    lines += ["", "'vs' columns: how many times faster than that optimizer (above 1 = faster)."]
+    lines = bench_optim.table(rows).splitlines()
     if checks:
         lines += ["", "Non-finite gradient check per step (ms): " + "; ".join(
             f"{case}: quantlab {c['quantlab_check_ms']:.2f}, torch.isfinite().all() {c['torch_isfinite_all_ms']:.2f}"

@@ -13,12 +13,7 @@ from experiments.methods import make_method
 from experiments.methods.dino import DINO, DINOHead, cosine_momentum, dino_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dino_loss_by_the_paper(student_outputs, teacher_outputs, center, student_temperature, teacher_temperature):

@@ -10,13 +10,7 @@ from experiments.data import ImageDataset, stratified_fraction, to_float
 from experiments.evaluate import extract_features, fine_tune, knn_accuracy, knn_predict, linear_probe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tensors here are tiny: on a shared 2-core machine thread hand-offs cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_images(n, seed):

@@ -12,12 +12,7 @@ from experiments.methods import make_method
 from experiments.methods.mae import MAE, forward_loss, patchify, random_masking
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numbered_tokens(batch, length, dim=3):

@@ -14,12 +14,7 @@ from experiments.methods import make_method
 from experiments.methods.swav import MultiCrop, SwAV, encode_multi_crop, sinkhorn_knopp, swav_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sinkhorn_by_the_paper(scores, epsilon, iterations):
