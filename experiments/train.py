@@ -14,15 +14,21 @@ A run directory holds:
 Resuming on the CPU is bit-identical to not stopping: an epoch's data order comes from a generator
 seeded with (seed, epoch), and each step seeds both its augmentation generator and torch's global
 generator from (seed, step), so no random state crosses a step boundary outside the checkpoint.
+
+Under torchrun (see experiments/distributed.py) every rank trains on its share of each global batch
+inside DistributedDataParallel; rank 0 alone writes the run directory. A checkpoint holds the whole
+model and optimizer state, so a run saved by N processes resumes on any number of them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
+import pickle
 import platform
 import resource
 import statistics
@@ -33,13 +39,17 @@ from pathlib import Path
 
 import numba
 import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from experiments import distributed
 
 from experiments.augment import augment
-from experiments.backbones import make_backbone
+from experiments.backbones import VisionTransformer, make_backbone
 from experiments.config import RunConfig, make_optimizer
 from experiments.data import ImageDataset, load_dataset, to_float
 from experiments.evaluate import extract_features, fine_tune, knn_accuracy, linear_probe
 from experiments.methods import make_method
+from experiments.multilabel import fine_tune_multilabel, linear_probe_multilabel
 
 PHASES = ("data_s", "model_s", "optimizer_s")  # data + augmentation, forward + backward, optimizer step
 # a resumed run may change these: they do not touch the training computation up to the saved step
@@ -89,10 +99,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_one_epoch(method, optimizer, images: torch.Tensor, config: RunConfig, epoch: int, step: int,
+def parallel(method, config: RunConfig):
+    """The method in DistributedDataParallel over the ranks of a torchrun launch; itself on one process."""
+    if distributed.world_size() == 1:
+        return method
+    if config.device == "cuda":
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    return DistributedDataParallel(method, find_unused_parameters=method.may_leave_parameters_unused)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train_one_epoch(model, optimizer, images: torch.Tensor, config: RunConfig, epoch: int, step: int,
                     total_steps: int, after_step) -> int:
     """Steps of one epoch from global `step` to the epoch's end; calls after_step(record) after each.
-    Returns the global step reached."""
+    Returns the global step reached. `model` is the method, or the method inside DistributedDataParallel."""
+    method = unwrap(model)
     steps_per_epoch = len(images) // config.batch_size
     epoch_generator = torch.Generator().manual_seed(derived_seed(config.seed, "epoch", epoch))
     order = torch.randperm(len(images), generator=epoch_generator)
@@ -101,16 +125,19 @@ def train_one_epoch(method, optimizer, images: torch.Tensor, config: RunConfig, 
     for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(derived_seed(config.seed, "augment", step))
-        torch.manual_seed(derived_seed(config.seed, "step", step))  # dropout, drop-path, anything else
+        # dropout, drop-path, masking, anything else: rank 0 draws what a single process draws
+        rank = distributed.rank()
+        torch.manual_seed(derived_seed(config.seed, "step", step, *([rank] if rank else [])))
         batch = to_float(images[order[i * config.batch_size:(i + 1) * config.batch_size]]).to(config.device)
-        views = [augment(batch, view_config, generator) for view_config in view_configs]
+        # each rank augments the whole global batch and keeps its share: the same views on any world size
+        views = [distributed.batch_share(augment(batch, view_config, generator)) for view_config in view_configs]
         synchronize(config.device)
         data_done = time.perf_counter()
 
         lr = cosine_learning_rate(step, total_steps, steps_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = method(views)
+        loss = model(views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         synchronize(config.device)
@@ -121,7 +148,7 @@ def train_one_epoch(method, optimizer, images: torch.Tensor, config: RunConfig, 
         optimizer_done = time.perf_counter()
 
         method.on_step_end(step, total_steps)
-        loss = loss.item()
+        loss = distributed.mean_over_ranks(loss.item())  # the global batch's loss, the same on every rank
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch})")
         step += 1
@@ -175,7 +202,11 @@ def load_checkpoint(run_dir) -> dict:
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint.pt in {run_dir}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        # save_atomically never leaves one: the file was damaged or cut short after it was written
+        raise RuntimeError(f"{path} is not a complete checkpoint ({error}); nothing was loaded") from error
 
 
 def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
@@ -260,11 +291,28 @@ def pretrain(config: RunConfig, out_dir, resume: bool = False, progress: bool = 
     """Train config.method for config.epochs in out_dir; returns the summary (also summary.json).
 
     resume=True continues from out_dir/checkpoint.pt; without it an existing checkpoint is an error
-    unless overwrite=True.
+    unless overwrite=True. Under torchrun, joins the launch's process group for the run.
     """
+    joined = distributed.init_from_environment(config.device)
+    try:
+        return train_run(config, Path(out_dir), resume, progress, overwrite)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Half-written checkpoints of a process killed while saving (never loaded: see save_atomically)."""
+    for temporary in out_dir.glob(".checkpoint.pt.*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
+def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, overwrite: bool) -> dict:
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writes = distributed.rank() == 0  # rank 0 alone writes the run directory
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) does not split over {world} processes")
     use_threads(config.threads)
     images = fixed_subset(load_dataset(config.dataset, "train", root=config.data_root), config.train_subset).images
     steps_per_epoch = len(images) // config.batch_size  # drop_last: every step sees a full batch
@@ -283,33 +331,42 @@ def pretrain(config: RunConfig, out_dir, resume: bool = False, progress: bool = 
         metrics, step, elapsed_before = checkpoint["metrics"], checkpoint["step"], checkpoint["elapsed_s"]
     elif (out_dir / "checkpoint.pt").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run: resume it, or choose another directory")
-    config.save(out_dir / "config.json")
-    (out_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
-    write_jsonl(out_dir / "metrics.jsonl", metrics)  # on resume: cut back to the checkpoint's step
+    model = parallel(method, config)  # after loading: DDP starts every rank from rank 0's weights
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+        config.save(out_dir / "config.json")
+        (out_dir / "versions.json").write_text(json.dumps({**versions(), "world_size": world}, indent=2) + "\n")
+        write_jsonl(out_dir / "metrics.jsonl", metrics)  # on resume: cut back to the checkpoint's step
 
     def save_checkpoint():
-        save_atomically({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "epoch": step // steps_per_epoch, "config": config.to_dict(), "metrics": metrics,
-                         "elapsed_s": elapsed_before + time.perf_counter() - started}, out_dir / "checkpoint.pt")
+        if writes:
+            save_atomically({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "epoch": step // steps_per_epoch, "config": config.to_dict(), "metrics": metrics,
+                             "elapsed_s": elapsed_before + time.perf_counter() - started, "world_size": world},
+                            out_dir / "checkpoint.pt")
 
-    bar = Progress(total_steps, step, progress)
-    with open(out_dir / "metrics.jsonl", "a") as log:
+    bar = Progress(total_steps, step, progress and writes)
+    with open(out_dir / "metrics.jsonl", "a") if writes else contextlib.nullcontext() as log:
         def after_step(record):
             nonlocal step
             step = record["step"]
             metrics.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if writes:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             bar.update(record)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint()
 
         for epoch in range(step // steps_per_epoch, config.epochs):
-            step = train_one_epoch(method, optimizer, images, config, epoch, step, total_steps, after_step)
+            step = train_one_epoch(model, optimizer, images, config, epoch, step, total_steps, after_step)
     save_checkpoint()
-    write_csv(out_dir / "metrics.csv", metrics)
-    summary = summarize(metrics, optimizer, method, elapsed_before + time.perf_counter() - started)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = {**summarize(metrics, optimizer, method, elapsed_before + time.perf_counter() - started),
+               "world_size": world}
+    if writes:
+        write_csv(out_dir / "metrics.csv", metrics)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -317,35 +374,58 @@ def load_run_config(run_dir) -> RunConfig:
     return RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
 
-def evaluate_backbone(backbone, config: RunConfig, finetune: bool = False) -> dict:
-    """k-NN and linear-probe test accuracy of the frozen backbone on config.dataset (and fine-tuning
-    accuracy at each of config.finetune_fractions of the labels, when asked)."""
+def evaluate_backbone(backbone, config: RunConfig, finetune: bool = False, dataset: str | None = None) -> dict:
+    """How good the frozen backbone's features are on `dataset` (default: config.dataset, which it was
+    trained on). Single-label: k-NN and linear-probe test accuracy, and fine-tuning accuracy at each of
+    config.finetune_fractions of the labels when asked. Multi-label (the medical-MAE protocol): mean
+    AUC over labels of a linear probe, and of fine-tuning with layer-wise LR decay, DropPath and
+    RandAugment when asked."""
     use_threads(config.threads)
-    train, test = (load_dataset(config.dataset, split, root=config.data_root) for split in ("train", "test"))
+    dataset = dataset or config.dataset
+    root = config.data_root if dataset == config.dataset else None
+    train, test = (load_dataset(dataset, split, root=root) for split in ("train", "test"))
     if config.eval_subset is not None:
         train, test = (fixed_subset(split, min(config.eval_subset, len(split))) for split in (train, test))
     started = time.perf_counter()
     train_features, test_features = extract_features(backbone, train.images), extract_features(backbone, test.images)
-    result = {"train_images": len(train), "test_images": len(test),
-              "knn_accuracy": knn_accuracy(train_features, train.labels, test_features, test.labels,
-                                           k=config.knn_k, temperature=config.knn_temperature),
-              "linear_accuracy": linear_probe(train_features, train.labels, test_features, test.labels,
-                                              epochs=config.probe_epochs, seed=config.seed)}
-    if finetune:
-        result["finetune_accuracy"] = {
-            str(fraction): fine_tune(backbone, train, test, fraction, config.finetune_epochs, config.finetune_lr,
-                                     config.seed) for fraction in config.finetune_fractions}
+    result = {"dataset": dataset, "train_images": len(train), "test_images": len(test)}
+    if train.multilabel:
+        probe = linear_probe_multilabel(train_features, train.labels, test_features, test.labels,
+                                        epochs=config.probe_epochs, seed=config.seed)
+        result.update(linear_mean_auc=probe["mean_auc"], linear_per_label_auc=probe["per_label_auc"])
+        if finetune:
+            # the paper's ViT recipe; a CNN has no layers to decay or blocks to drop
+            recipe = {} if isinstance(backbone, VisionTransformer) else {"layer_decay": 1.0, "drop_path": 0.0}
+            tuned = fine_tune_multilabel(backbone, train.images, train.labels, test.images, test.labels,
+                                         config.finetune_epochs, config.finetune_lr, config.seed,
+                                         warmup_epochs=min(1.0, config.finetune_epochs), **recipe)
+            result.update(finetune_mean_auc=tuned["mean_auc"], finetune_per_label_auc=tuned["per_label_auc"])
+    else:
+        result["knn_accuracy"] = knn_accuracy(train_features, train.labels, test_features, test.labels,
+                                              k=config.knn_k, temperature=config.knn_temperature)
+        result["linear_accuracy"] = linear_probe(train_features, train.labels, test_features, test.labels,
+                                                 epochs=config.probe_epochs, seed=config.seed)
+        if finetune:
+            result["finetune_accuracy"] = {
+                str(fraction): fine_tune(backbone, train, test, fraction, config.finetune_epochs, config.finetune_lr,
+                                         config.seed) for fraction in config.finetune_fractions}
     result["eval_s"] = time.perf_counter() - started
     return result
 
 
-def evaluate_run(run_dir, finetune: bool = False) -> dict:
-    """evaluate_backbone on the run's final checkpoint; saves eval.json in the run directory."""
+def eval_file(run_dir: Path, dataset: str | None = None) -> Path:
+    """eval.json for the run's own dataset, eval-DATASET.json for another."""
+    own = dataset is None or dataset == load_run_config(run_dir).dataset
+    return run_dir / ("eval.json" if own else f"eval-{dataset}.json")
+
+
+def evaluate_run(run_dir, finetune: bool = False, dataset: str | None = None) -> dict:
+    """evaluate_backbone on the run's final checkpoint; saves eval_file(run_dir, dataset)."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     checkpoint = load_checkpoint(run_dir)
     method = build_method(config)
     method.load_state_dict(checkpoint["model"])
-    result = {"step": checkpoint["step"], **evaluate_backbone(method.backbone, config, finetune)}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"step": checkpoint["step"], **evaluate_backbone(method.backbone, config, finetune, dataset)}
+    eval_file(run_dir, dataset).write_text(json.dumps(result, indent=2) + "\n")
     return result

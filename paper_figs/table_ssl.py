@@ -1,6 +1,8 @@
 """Table: the SSL experiments' results, once recorded.
 
-Reads every results/ssl_*.json; skipped (with a message) while there is none. A sweep's record
+Reads every results/ssl_*.json; skipped (with a message) while there is none. A protocol's record
+(``python -m experiments.protocols``, filed by ``python -m paper_figs.record_ssl``: "variants", each
+a sweep's rows and command) is one table with the variant beside the method; a sweep's record
 (``python -m experiments.sweep``: "rows" of medians and a "command") is shown as the sweep prints
 it, with the command that reproduces it; any other file is either ``{"rows": [{column: value, ...},
 ...], ...}`` or one flat ``{column: value}`` row, whose scalar columns are tabulated in first-seen
@@ -27,6 +29,16 @@ def _cell(value) -> str:
     return str(value)
 
 
+def protocol_section(name: str, record: dict) -> str:
+    """A protocol's record (experiments/protocols.py): its variants' rows in one table, the variant
+    named beside the method; then the command of each variant's sweep."""
+    rows = [{**row, "method": f"{row['method']} ({variant['label']})" if len(record["variants"]) > 1 else row["method"]}
+            for variant in record["variants"] for row in variant["rows"]]
+    commands = "\n".join(f"- {variant['label']}: `{variant['command']}`" for variant in record["variants"])
+    return (f"### {name}\n\n{record['what']}\n\n{sweep.markdown(rows)}\nReproduce: `{record['command']}`, "
+            f"which runs these sweeps:\n\n{commands}")
+
+
 def make(results: Path, out: Path) -> list[Path]:
     paths = sorted(Path(results).glob("ssl_*.json"))
     if not paths:
@@ -34,6 +46,9 @@ def make(results: Path, out: Path) -> list[Path]:
     sections = []
     for path in paths:
         result = json.loads(path.read_text())
+        if isinstance(result, dict) and "variants" in result:
+            sections.append(protocol_section(path.name, result))
+            continue
         if isinstance(result, dict) and "command" in result and "runs" in result:
             untrained = result.get("untrained_backbone")
             baseline = "" if untrained is None else (

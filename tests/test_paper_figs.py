@@ -92,3 +92,30 @@ def test_each_script_runs_on_its_own(module, tmp_path):
     done = run("--out", tmp_path, module=f"paper_figs.{module}")
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout or "skipped" in done.stdout
+
+
+def test_protocol_records_are_filed_and_tabulated_with_their_variants(tmp_path):
+    def rows(knn):
+        return [{"method": "moco", "optimizer": "fp32", "seeds": [0], "knn_accuracy@mnist": knn,
+                 "knn_accuracy@mnist_spread": 0.0, "knn_accuracy@mnist_minus_fp32": 0.0, "optimizer_state_bytes": 1024,
+                 "optimizer_ms_per_step": 1.0, "model_ms_per_step": 2.0}]
+
+    record = {"protocol": "pass", "what": "two pretraining sets", "command": "python -m experiments.protocols pass",
+              "variants": [{"label": "pretrain-procedural", "command": "sweep A", "rows": rows(0.5), "runs": [{}]},
+                           {"label": "pretrain-fashion-mnist", "command": "sweep B", "rows": rows(0.75), "runs": [{}]}]}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    results = tmp_path / "results"
+    results.mkdir()
+    done = run(tmp_path / "record.json", "--results", results, module="paper_figs.record_ssl")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((results / "ssl_pass.json").read_text()) == record
+    done = run("--results", results, "--out", tmp_path / "out", module="paper_figs.table_ssl")
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table_ssl.md").read_text()
+    assert "| moco (pretrain-procedural) | fp32 | 1 | 50.0 ± 0.0 |" in text
+    assert "| moco (pretrain-fashion-mnist) | fp32 | 1 | 75.0 ± 0.0 |" in text
+    assert "k-NN % on mnist" in text and "`sweep A`" in text and "`sweep B`" in text
+
+    record["variants"][1]["runs"] = []  # an unfinished variant is not filed
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    assert run(tmp_path / "record.json", "--results", results, module="paper_figs.record_ssl").returncode != 0

@@ -273,3 +273,35 @@ def test_animal_mnist_split_is_six_to_one_per_class_and_fixed():
     assert train.classes[0] == "Bear" and len(train.classes) == 10
     data.read_animal_mnist.cache_clear()  # the split must come out the same when drawn again
     assert torch.equal(data.load_dataset("animal-mnist", "test").images, test.images)
+
+
+def test_mosaic_dataset_is_the_subsets_mosaics_with_multi_hot_labels():
+    from experiments.multilabel import make_mosaics
+
+    test = data.load_dataset("fashion-mnist-mosaic", "test")
+    source = data.load_dataset("fashion-mnist-subset", "test")
+    images, targets = make_mosaics(source, len(source), data.SPLIT_SEEDS["test"])
+    assert test.multilabel and test.classes == source.classes
+    assert torch.equal(test.images, images) and torch.equal(test.labels, targets)
+    assert set(test.labels.sum(dim=1).tolist()) <= {1.0, 2.0, 3.0, 4.0}
+    assert torch.equal(test.subset([3, 1]).labels, targets[[3, 1]])
+    assert not data.load_dataset("fashion-mnist-subset", "test").multilabel
+
+
+def test_procedural_dataset_is_the_generated_stream_labelled_by_generator():
+    from experiments.procedural import GENERATORS, generate_images
+
+    test = data.load_dataset("procedural", "test")
+    images, generators = generate_images(data.PROCEDURAL_SIZES["test"], data.SPLIT_SEEDS["test"])
+    assert torch.equal(test.images, images) and torch.equal(test.labels, generators)
+    assert test.classes == tuple(g.__name__ for g in GENERATORS) and int(test.labels.max()) < len(GENERATORS)
+    test.images[0] = 0  # a copy: the cached stream is untouched
+    assert torch.equal(data.load_dataset("procedural", "test").images, images)
+
+
+def test_multi_label_targets_must_be_multi_hot_rows_of_every_class():
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    assert data.ImageDataset("x", images, torch.zeros(4, 3), ("a", "b", "c")).multilabel
+    for bad in (torch.zeros(4, 2), torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, 3)):
+        with pytest.raises(ValueError, match="multi-hot"):
+            data.ImageDataset("x", images, bad, ("a", "b", "c"))

@@ -56,3 +56,52 @@ def test_tiny_sweep_runs_evaluates_and_skips_finished_runs(tmp_path):
     before = log.read_text()
     sweep.main(args)  # everything evaluated: nothing runs again
     assert log.read_text() == before
+
+
+def test_method_set_applies_to_its_method_only_and_only_picks_runs(tmp_path, capsys):
+    common = ["--out", str(tmp_path), "--methods", "moco", "mae", "--optimizers", "fp32", "8bit-linear", "--seeds", "0"]
+    sweep.main([*common, "--method-set", "mae:backbone=vit-tiny", "--print-commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    assert [("backbone=vit-tiny" in line) for line in lines] == [False, False, True, True]
+    assert all("code=linear" in line for line in lines[1::2]) and not any("code=" in line for line in lines[::2])
+    for bad in (["--method-set", "backbone=vit-tiny"], ["--method-set", "simclr:lr=1"], ["--only", "4"]):
+        with pytest.raises(SystemExit):
+            sweep.main([*common, *bad, "--print-commands"])
+
+
+def fake_run_dir(path, dataset, evaluations):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"dataset": dataset}))
+    (path / "summary.json").write_text(json.dumps({
+        "optimizer_state_bytes": 10, "elapsed_s": 1.0,
+        "time_split": {"optimizer_s": {"median_ms": 1.0}, "model_s": {"median_ms": 2.0}}}))
+    for name, values in evaluations.items():
+        (path / name).write_text(json.dumps(values))
+
+
+def test_eval_datasets_give_one_metric_per_dataset_and_wait_for_every_evaluation(tmp_path):
+    datasets = ["fashion-mnist-subset", "mnist"]
+    # pretrained on the procedural set: both evaluations are on other datasets
+    fake_run_dir(tmp_path / "a", "procedural", {"eval-fashion-mnist-subset.json": {"knn_accuracy": 0.5},
+                                                "eval-mnist.json": {"knn_accuracy": 0.25, "linear_accuracy": 0.75}})
+    result = sweep.run_result(tmp_path / "a", datasets)
+    assert result["knn_accuracy@fashion-mnist-subset"] == 0.5
+    assert result["knn_accuracy@mnist"] == 0.25 and result["linear_accuracy@mnist"] == 0.75
+    assert "knn_accuracy" not in result
+    # pretrained on one of them: its own evaluation is eval.json; a missing one means not finished
+    fake_run_dir(tmp_path / "b", "fashion-mnist-subset", {"eval.json": {"knn_accuracy": 0.5}})
+    assert sweep.run_result(tmp_path / "b", datasets) is None
+    (tmp_path / "b" / "eval-mnist.json").write_text(json.dumps({"knn_accuracy": 0.125}))
+    assert sweep.run_result(tmp_path / "b", datasets)["knn_accuracy@mnist"] == 0.125
+    rows = sweep.summarize([{"method": "moco", "optimizer": "fp32", "seed": 0, **result}])
+    text = sweep.markdown(rows)
+    assert "k-NN % on mnist" in text and "linear probe % on mnist" in text and "| 25.0 ± 0.0 |" in text
+
+
+def test_multilabel_metrics_are_tabulated(tmp_path):
+    fake_run_dir(tmp_path / "a", "fashion-mnist-mosaic", {"eval.json": {"linear_mean_auc": 0.7,
+                                                                        "finetune_mean_auc": 0.8}})
+    result = sweep.run_result(tmp_path / "a")
+    rows = sweep.summarize([{"method": "mae", "optimizer": "8bit", "seed": 0, **result}])
+    assert "fine-tuned mean AUC %" in sweep.markdown(rows) and rows[0]["finetune_mean_auc"] == 0.8

@@ -155,3 +155,18 @@ def test_cosine_learning_rate_warms_up_then_decays_to_zero():
     assert rates[0] == 0 and rates[5] == pytest.approx(0.05) and rates[10] == pytest.approx(0.1)
     assert rates[25] == pytest.approx(0.05) and rates[40] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_evaluate_on_another_dataset_and_on_a_multi_label_one(tmp_path):
+    """A run evaluated on the mosaic task (the medical-MAE protocol): mean AUC of a linear probe and of
+    fine-tuning, in eval-fashion-mnist-mosaic.json beside the run's own eval.json."""
+    train.pretrain(tiny_config(method="simclr", eval_subset=48, probe_epochs=5, finetune_epochs=1), tmp_path,
+                   progress=False)
+    result = train.evaluate_run(tmp_path, finetune=True, dataset="fashion-mnist-mosaic")
+    saved = json.loads((tmp_path / "eval-fashion-mnist-mosaic.json").read_text())
+    assert saved == result and not (tmp_path / "eval.json").exists()
+    assert result["dataset"] == "fashion-mnist-mosaic" and "knn_accuracy" not in result
+    for key in ("linear", "finetune"):
+        assert 0 <= result[f"{key}_mean_auc"] <= 1 and len(result[f"{key}_per_label_auc"]) == 10
+    own = train.evaluate_run(tmp_path)
+    assert (tmp_path / "eval.json").exists() and 0 <= own["knn_accuracy"] <= 1

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 class SSLMethod(nn.Module):
     """Defaults for a two-view method without schedules whose every trainable parameter gets gradients."""
 
+    # DistributedDataParallel must search each step's graph for parameters without gradients only
+    # when a method can leave some out (SwAV's frozen prototypes)
+    may_leave_parameters_unused = False
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.augment import AugmentConfig
+from experiments.distributed import gather_from_ranks
 from experiments.methods import SSLMethod
 from experiments.methods.swav import (check_views_of_scores, cross_entropy_between_views, encode_multi_crop,
                                       multi_crop_for)
@@ -122,7 +123,7 @@ class DINO(SSLMethod):
     @torch.no_grad()
     def update_center(self, teacher_outputs: list[torch.Tensor]) -> None:
         """c <- m c + (1 - m) mean of this batch's teacher outputs over both global views (DINO eq. 4)."""
-        batch_center = torch.cat(teacher_outputs).mean(dim=0, keepdim=True)
+        batch_center = gather_from_ranks(torch.cat(teacher_outputs)).mean(dim=0, keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     def on_step_end(self, step: int, total_steps: int) -> None:

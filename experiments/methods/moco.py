@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.distributed import gather_from_ranks
 from experiments.methods import SSLMethod, two_views
 
 
@@ -83,5 +84,5 @@ class MoCo(SSLMethod):
         # a copy: the queue is overwritten below, while backward still needs the negatives used here
         loss = info_nce_loss(query, key, self.queue.clone(), self.temperature)
         if self.training:
-            self.enqueue(key)
+            self.enqueue(gather_from_ranks(key))  # every rank's keys, so the queue is the same on all
         return loss

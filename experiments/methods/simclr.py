@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.distributed import gather_with_grad
 from experiments.methods import SSLMethod, two_views
 
 
@@ -42,4 +43,5 @@ class SimCLR(SSLMethod):
         first, second = two_views(views)
         # both views in one batch, so BatchNorm normalises over all 2N (SimCLR's global BN)
         z1, z2 = self.head(self.backbone(torch.cat([first, second]))).chunk(2)
-        return nt_xent_loss(z1, z2, self.temperature)
+        # over several processes, every rank's views are negatives: the loss of the global batch
+        return nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), self.temperature)

@@ -20,6 +20,7 @@ from torch import nn
 
 from experiments.augment import AugmentConfig
 from experiments.backbones import VisionTransformer
+from experiments.distributed import gather_from_ranks, own_rows
 from experiments.methods import SSLMethod
 
 # ------------------------------------------------------------------------------------------ multi-crop
@@ -160,6 +161,10 @@ class SwAV(SSLMethod):
         self.normalize_prototypes()
         self.steps_done = 0  # optimizer steps so far, for the prototype freeze; kept in state_dict
 
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        return self.freeze_prototypes_steps > 0
+
     def get_extra_state(self) -> dict:
         return {"steps_done": self.steps_done}
 
@@ -189,6 +194,8 @@ class SwAV(SSLMethod):
             # them leaves their .grad None, so the optimizer skips them, as SwAV's `p.grad = None` does
             prototypes = prototypes.detach()
         scores = (embeddings @ prototypes.T).chunk(len(views))
-        codes = [sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations) for s in scores[:2]]
+        # the equal partition is over the global batch: Sinkhorn on every rank's scores, keep our rows
+        codes = [own_rows(sinkhorn_knopp(gather_from_ranks(s), self.epsilon, self.sinkhorn_iterations))
+                 for s in scores[:2]]
         return swav_loss(list(scores), codes, self.temperature)
 

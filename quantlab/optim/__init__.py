@@ -6,8 +6,9 @@ from .adam import Adam, AdamW
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
-from .optimizer import BlockwiseOptimizer, set_options
+from .optimizer import BlockwiseOptimizer, codes_as_data, codes_as_objects, set_options
 from .rmsprop import Adagrad, RMSprop
 from .sgd import SGD
 
-__all__ = ["Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "LARS", "LAMB", "BlockwiseOptimizer", "set_options"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "LARS", "LAMB", "BlockwiseOptimizer", "set_options",
+           "codes_as_data", "codes_as_objects"]

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .. import reference
-from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative, float32_chunks, kernel_array, kernels_for
+from .optimizer import (BlockwiseOptimizer, check_betas, check_nonnegative, float32_chunks, is_dtensor, kernel_array,
+                        kernels_for)
 
 
 class LAMB(BlockwiseOptimizer):
@@ -29,6 +30,9 @@ class LAMB(BlockwiseOptimizer):
         return (("exp_avg", True), ("exp_avg_sq", False))
 
     def hyperparameters(self, p, options, step) -> np.ndarray:
+        if is_dtensor(p):
+            raise ValueError("LAMB does not step sharded (FSDP2 DTensor) parameters: its trust ratio needs the "
+                             "norm of the whole update, which a rank's shard does not give")
         return reference.lamb_hyperparameters(*options["betas"], options["eps"], options["weight_decay"], step)
 
     def _run_kernels(self, p, state, options, specs, hyper):

@@ -10,13 +10,19 @@ import torch
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer, check_nonnegative
+from .optimizer import BlockwiseOptimizer, check_nonnegative, is_dtensor
+
+
+def norm(t: torch.Tensor) -> float:
+    """The float32 norm of the whole tensor, also of an FSDP2 DTensor (whose norm is a partial
+    result per rank: ``full_tensor()`` all-reduces it; a plain ``float()`` would give the local one)."""
+    result = torch.linalg.vector_norm(t.detach(), dtype=torch.float32)
+    return float(result.full_tensor() if is_dtensor(result) else result)
 
 
 def trust_ratio(param: torch.Tensor, grad: torch.Tensor, trust_coefficient: float, weight_decay: float) -> float:
     """eta * ||w|| / (||g|| + weight_decay * ||w||), or 1 when either norm is 0 (float32 norms)."""
-    w_norm = float(torch.linalg.vector_norm(param.detach(), dtype=torch.float32))
-    g_norm = float(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+    w_norm, g_norm = norm(param), norm(grad)
     if w_norm == 0 or g_norm == 0:
         return 1.0
     return trust_coefficient * w_norm / (g_norm + weight_decay * w_norm)

@@ -1,6 +1,11 @@
 """What every quantlab optimizer shares: options per parameter, the non-finite gradient check, and
 the torch <-> kernel bridge (CPU float32 tensors are handed to Numba as zero-copy NumPy views).
 
+FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters are DTensors: each rank steps its own
+shard, so 8-bit blocks follow the shard (state_bits and min_8bit_size still look at the whole
+parameter), and the ranks agree on skipping a step whose gradients are not finite. fully_shard
+replaces the parameters: call ``set_options`` on the sharded ones.
+
 Options resolve, for each parameter at each step, as: the optimizer's defaults, then its param
 group's values, then what ``set_options(param, ...)`` recorded on the parameter itself. Options
 live on the parameter, so they apply whatever the order of calls (before or after the optimizer
@@ -9,6 +14,7 @@ converted at the next step.
 """
 from __future__ import annotations
 
+import sys
 from functools import partial
 from types import SimpleNamespace
 
@@ -22,6 +28,7 @@ from ..kernels.lookup import search_tables
 from ..kernels.scalar import INF_BITS
 
 STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size")
+CODE_OPTIONS = ("signed_code", "unsigned_code")
 _OPTIONS_ATTRIBUTE = "_quantlab_options"
 
 
@@ -46,6 +53,29 @@ def param_options(param: torch.Tensor, group: dict) -> dict:
     if unknown:
         raise ValueError(f"set_options gave {sorted(unknown)}, which this optimizer does not have")
     return {**group, **overrides}
+
+
+def codes_as_data(group: dict) -> dict:
+    """A param group with its Codes as plain data (name, bits, values tensor), which
+    ``torch.load(weights_only=True)`` reads. ``state_dict()`` does this; ZeroRedundancyOptimizer's
+    consolidated state dict needs it before saving (ZeRO copies the param groups, Codes and all)."""
+    data = dict(group)
+    for key in CODE_OPTIONS:
+        if isinstance(group[key], Code):
+            data[key] = {"name": group[key].name, "bits": group[key].bits,
+                         "values": torch.from_numpy(group[key].values.copy())}
+    return data
+
+
+def codes_as_objects(group: dict) -> dict:
+    """The inverse of codes_as_data. ``load_state_dict`` does this; ZeroRedundancyOptimizer's
+    ``load_state_dict`` hands the param groups to its local optimizer as they are, so a saved state
+    dict needs it before being loaded there."""
+    objects = dict(group)
+    for key in CODE_OPTIONS:
+        if isinstance(group[key], dict):
+            objects[key] = Code(group[key]["values"].numpy(), group[key]["name"], group[key]["bits"])
+    return objects
 
 
 def check_nonnegative(**values) -> None:
@@ -96,6 +126,40 @@ def check_param(param: torch.Tensor) -> None:
 
 
 STEP_KERNELS = ("step_32bit", "step_8bit", "lamb_norms_32bit", "lamb_norms_8bit", "lamb_apply_32bit", "lamb_apply_8bit")
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (FSDP2's parameters). Looked up in sys.modules so
+    that quantlab does not import torch.distributed.tensor (over a second), which any DTensor has."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """What a rank steps of a DTensor parameter: its local shard, a plain tensor sharing the
+    parameter's memory, with the local shard of the gradient as ``.grad``. Any other tensor: itself."""
+    if not is_dtensor(p):
+        return p
+    if any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"a DTensor parameter must be sharded or replicated, got placements {p.placements}")
+    if p.grad is not None and p.grad.placements != p.placements:
+        raise ValueError(f"a DTensor gradient must be placed as its parameter ({p.placements}), "
+                         f"got {p.grad.placements}: reduce it first")
+    shard = p.detach().to_local()
+    shard.grad = None if p.grad is None else p.grad.detach().to_local()
+    return shard
+
+
+def finite_on_every_rank(finite: bool, params) -> bool:
+    """A rank sees only its shards' gradients, but all must skip (or raise on) the same steps: for
+    DTensor parameters the verdict is all-reduced (min) over each device mesh, in parameter order."""
+    meshes = dict.fromkeys(p.device_mesh for p in params if is_dtensor(p))
+    for mesh in meshes:
+        verdict = torch.tensor([int(finite)], device=mesh.device_type)
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(dim))
+        finite = bool(verdict)
+    return finite
 
 
 def kernels_for(t: torch.Tensor):
@@ -209,14 +273,15 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                check_param(p)
+                check_param(local_shard(p))
                 options = param_options(p, group)
                 check_state_options(*(options[k] for k in STATE_OPTIONS))
                 # Raises on option combinations the update refuses (RMSprop's centred with momentum
                 # from a param group or set_options) before any parameter or state is written.
                 self.hyperparameters(p, options, self.state.get(p, {}).get("step", 0) + 1)
                 work.append((p, options))
-        if not gradients_finite([p for p, _ in work]):
+        finite = gradients_finite([local_shard(p) for p, _ in work])
+        if not finite_on_every_rank(finite, [p for p, _ in work]):
             if self.skip_nonfinite:
                 self.skipped_steps += 1
                 return loss
@@ -232,10 +297,11 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             return (32,)
         return (8, options["block_size"], options["signed_code"].name, options["unsigned_code"].name)
 
-    def _update(self, p, options):
-        state = self.state[p]
+    def _update(self, param, options):
+        state, p = self.state[param], local_shard(param)
         specs = self.state_specs(options)
-        wanted = self._state_format(p, options)
+        # a rank's shard may be empty (FSDP2 with fewer rows than ranks): nothing to quantize
+        wanted = self._state_format(param, options) if p.numel() else (32,)
         if not state or not self._holds_states(state, specs):
             # The first step, or the first with these states (SGD's momentum set after steps without
             # it): they start from zeros and the step count from 0, so that SGD's buffer starts as
@@ -245,7 +311,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         elif specs and state["format"] != wanted:
             self._store_states(p, state, wanted, options, self._float_states(p, state, options))
         state["step"] += 1
-        self._run_kernels(p, state, options, specs, self.hyperparameters(p, options, state["step"]))
+        self._run_kernels(p, state, options, specs, self.hyperparameters(param, options, state["step"]))
 
     def _run_kernels(self, p, state, options, specs, hyper):
         """The fused step kernels (step_32bit / step_8bit) on p and its states, in place."""
@@ -311,21 +377,14 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         """torch's state dict, with each Code in the param groups as plain data (name, bits, values
         tensor), so that ``torch.load(..., weights_only=True)`` (torch's default) reads it."""
         state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            for key in ("signed_code", "unsigned_code"):
-                code = group[key]
-                group[key] = {"name": code.name, "bits": code.bits, "values": torch.from_numpy(code.values.copy())}
-        return state_dict
+        return {**state_dict, "param_groups": [codes_as_data(g) for g in state_dict["param_groups"]]}
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict casts every state tensor to its parameter's dtype (uint8 code
         indices would become float32, float32 states of a bfloat16 parameter bfloat16) and rebuilds
         every iterable from its items (the code names in ``state["format"]`` would become the repr
         of a generator): restore both as saved, on the parameter's device."""
-        state_dict = {**state_dict, "param_groups": [
-            {**g, **{key: Code(g[key]["values"].numpy(), g[key]["name"], g[key]["bits"])
-                     for key in ("signed_code", "unsigned_code") if isinstance(g[key], dict)}}
-            for g in state_dict["param_groups"]]}
+        state_dict = {**state_dict, "param_groups": [codes_as_objects(g) for g in state_dict["param_groups"]]}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_states = [state_dict["state"].get(i) for i in saved_ids]
         super().load_state_dict(state_dict)

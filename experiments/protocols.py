@@ -1,0 +1,102 @@
+"""The recorded SSL experiments of issue 6, each a set of sweeps (experiments/sweep.py) with fixed settings.
+
+    python -m experiments.protocols five-methods --out results/ssl     # the five methods x state formats
+    python -m experiments.protocols medical-mae --out results/ssl      # mask ratio x crop scale, mean AUC
+    python -m experiments.protocols pass --out results/ssl             # pretrain on generated images or not
+    python -m experiments.protocols pass --out results/ssl --print-commands   # for a cluster launcher
+
+Each variant is a sweep in OUT/PROTOCOL/VARIANT (resumable: run the command again to finish it);
+OUT/PROTOCOL/record.json then holds every variant's table and command, which
+`python -m paper_figs.record_ssl OUT/PROTOCOL/record.json` files under paper_figs/results/.
+
+All share one small training recipe, sized for a 2-core machine: the embedded 5000-image
+Fashion-MNIST subset (or a stand-in of the same size), 3 epochs of 128-image batches (117 steps),
+AdamW lr 2e-3 with half an epoch of warm-up then cosine, weight decay 1e-4; resnet-tiny, MAE on vit-tiny.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from experiments import sweep
+
+RECIPE = ["--set", "dataset=fashion-mnist-subset", "--set", "epochs=3", "--set", "batch_size=128",
+          "--set", "lr=2e-3", "--set", "weight_decay=1e-4", "--set", "warmup_epochs=0.5",
+          "--set", "checkpoint_every=50"]
+
+PROTOCOLS = {
+    "five-methods": {
+        "what": "Five SSL methods x optimizer state: torch fp32 AdamW vs quantlab 8-bit AdamW (dynamic code, blocks "
+                "of 256), with 2048-element blocks and a linear code as ablations; k-NN and linear probe on the "
+                "Fashion-MNIST subset's test split; medians over 3 seeds.",
+        "sweep": ["--methods", "moco", "simclr", "dino", "swav", "mae", "--optimizers", "fp32", "8bit",
+                  "8bit-block2048", "8bit-linear", "--seeds", "0", "1", "2", *RECIPE,
+                  "--method-set", "mae:backbone=vit-tiny"],
+        "variants": {"all": []},
+    },
+    "medical-mae": {
+        "what": "The medical-MAE protocol on 2x2 mosaics of the Fashion-MNIST subset (multi-label, 1-4 classes an "
+                "image): MAE on vit-tiny, mask ratio 0.75 vs 0.90 x crop scale (0.2, 1) vs (0.5, 1), fp32 vs 8-bit "
+                "state; mean AUC over the 10 labels of a linear probe and of fine-tuning (layer-wise LR decay 0.55, "
+                "DropPath 0.2, RandAugment 2 ops at magnitude 6, 5 epochs on 1000 labelled mosaics, AUC on 1000 test mosaics); one seed.",
+        "sweep": ["--methods", "mae", "--optimizers", "fp32", "8bit", "--seeds", "0", *RECIPE,
+                  "--set", "dataset=fashion-mnist-mosaic", "--set", "backbone=vit-tiny", "--finetune",
+                  "--set", "eval_subset=1000", "--set", "finetune_epochs=5"],
+        "variants": {f"mask{mask}-crop{low}": ["--set", f"method_options.mask_ratio={mask}",
+                                               "--set", f"augment.crop_scale=[{low},1.0]"]
+                     for mask in (0.75, 0.9) for low in (0.2, 0.5)},
+    },
+    "pass": {
+        "what": "The PASS protocol: MoCo v2 pretrained on 5000 procedurally generated images (no humans, "
+                "experiments/procedural.py) vs on the 5000-image Fashion-MNIST subset, fp32 vs 8-bit state; "
+                "k-NN and linear probe on Fashion-MNIST (subset), MNIST and animal-mnist (at most 10000 train "
+                "and test images each); medians over 3 seeds.",
+        "sweep": ["--methods", "moco", "--optimizers", "fp32", "8bit", "--seeds", "0", "1", "2", *RECIPE,
+                  "--eval-datasets", "fashion-mnist-subset", "mnist", "animal-mnist", "--set", "eval_subset=10000"],
+        "variants": {"pretrain-procedural": ["--set", "dataset=procedural"],
+                     "pretrain-fashion-mnist": []},
+    },
+}
+
+
+def variant_arguments(protocol: str, variant: str, out: Path) -> list[str]:
+    spec = PROTOCOLS[protocol]
+    return ["--out", str(out / protocol / variant), *spec["sweep"], *spec["variants"][variant]]
+
+
+def record(protocol: str, out: Path) -> dict:
+    """Every variant's sweep table (rows, runs, command) in one record, saved as OUT/PROTOCOL/record.json."""
+    variants = []
+    for variant in PROTOCOLS[protocol]["variants"]:
+        table = json.loads((out / protocol / variant / "table.json").read_text())
+        variants.append({"label": variant, "command": table["command"], "rows": table["summary"],
+                         "runs": table["runs"]})
+    result = {"what": PROTOCOLS[protocol]["what"], "protocol": protocol,
+              "command": f"python -m experiments.protocols {protocol} --out {out}", "variants": variants}
+    (out / protocol / "record.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("protocol", choices=list(PROTOCOLS))
+    parser.add_argument("--out", type=Path, default=Path("results/ssl"))
+    parser.add_argument("--workers", type=int, default=None, help="passed to each sweep (default: its own)")
+    parser.add_argument("--print-commands", action="store_true", help="every run's command lines, then exit")
+    args = parser.parse_args(argv)
+    extra = ([] if args.workers is None else ["--workers", str(args.workers)]) + (
+        ["--print-commands"] if args.print_commands else [])
+    for variant in PROTOCOLS[args.protocol]["variants"]:
+        if not args.print_commands:
+            print(f"== {args.protocol} / {variant}", flush=True)
+        sweep.main(variant_arguments(args.protocol, variant, args.out) + extra)
+    if args.print_commands:
+        return None
+    result = record(args.protocol, args.out)
+    print(f"saved {args.out / args.protocol / 'record.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
