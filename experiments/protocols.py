@@ -5,8 +5,10 @@
     python -m experiments.protocols pass --out results/ssl             # pretrain on generated images or not
     python -m experiments.protocols pass --out results/ssl --print-commands   # for a cluster launcher
 
-Each variant is a sweep in OUT/PROTOCOL/VARIANT (resumable: run the command again to finish it);
-OUT/PROTOCOL/record.json then holds every variant's table and command, which
+Each variant is a sweep in OUT/PROTOCOL/VARIANT (resumable: run the command again to finish it). Then
+each backbone is evaluated as its runs initialise it (OUT/PROTOCOL/untrained.json: what pretraining
+has to beat), and OUT/PROTOCOL/record.json holds every variant's table and command and those
+baselines, which
 `python -m paper_figs.record_ssl OUT/PROTOCOL/record.json` files under paper_figs/results/.
 
 All share one small training recipe, sized for a 2-core machine: the embedded 5000-image
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from experiments import sweep
@@ -65,15 +68,61 @@ def variant_arguments(protocol: str, variant: str, out: Path) -> list[str]:
     return ["--out", str(out / protocol / variant), *spec["sweep"], *spec["variants"][variant]]
 
 
+def evaluation_options(protocol: str) -> tuple[list, bool]:
+    """The datasets a protocol evaluates on (None: the pretraining one) and whether it fine-tunes."""
+    arguments = PROTOCOLS[protocol]["sweep"]
+    datasets = []
+    if "--eval-datasets" in arguments:
+        for argument in arguments[arguments.index("--eval-datasets") + 1:]:
+            if argument.startswith("--"):
+                break
+            datasets.append(argument)
+    return datasets or [None], "--finetune" in arguments
+
+
+def untrained_baselines(protocol: str, out: Path) -> list[dict]:
+    """What pretraining has to beat: each backbone as its runs initialise it (per seed), evaluated as
+    they are; medians and spreads over seeds, per backbone. Saved as OUT/PROTOCOL/untrained.json."""
+    from experiments.train import build_method, evaluate_backbone, load_run_config
+
+    datasets, finetune = evaluation_options(protocol)
+    configs = {}
+    for run_dir in sorted((out / protocol).glob("*/runs/*")):
+        if (run_dir / "eval.json").exists() or list(run_dir.glob("eval-*.json")):
+            config = load_run_config(run_dir)
+            configs.setdefault((config.backbone, config.seed), config)
+    by_backbone = {}
+    for (backbone, seed), config in sorted(configs.items()):
+        print(f"untrained {backbone}, seed {seed}", flush=True)
+        values = {}
+        for dataset in datasets:
+            result = evaluate_backbone(build_method(config).backbone, config, finetune, dataset)
+            suffix = "" if dataset is None else f"@{dataset}"
+            values.update({key + suffix: result[key] for key in sweep.METRICS if key in result})
+        by_backbone.setdefault(backbone, []).append(values)
+    rows = []
+    for backbone, seeds in by_backbone.items():
+        row = {"backbone": backbone, "seeds": len(seeds)}
+        for key in seeds[0]:
+            row[key] = statistics.median(v[key] for v in seeds)
+            row[f"{key}_spread"] = max(v[key] for v in seeds) - min(v[key] for v in seeds)
+        rows.append(row)
+    (out / protocol / "untrained.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def record(protocol: str, out: Path) -> dict:
-    """Every variant's sweep table (rows, runs, command) in one record, saved as OUT/PROTOCOL/record.json."""
+    """Every variant's sweep table (rows, runs, command) and the untrained baselines (when computed) in
+    one record, saved as OUT/PROTOCOL/record.json."""
     variants = []
     for variant in PROTOCOLS[protocol]["variants"]:
         table = json.loads((out / protocol / variant / "table.json").read_text())
         variants.append({"label": variant, "command": table["command"], "rows": table["summary"],
                          "runs": table["runs"]})
+    untrained = out / protocol / "untrained.json"
     result = {"what": PROTOCOLS[protocol]["what"], "protocol": protocol,
-              "command": f"python -m experiments.protocols {protocol} --out {out}", "variants": variants}
+              "command": f"python -m experiments.protocols {protocol} --out {out}", "variants": variants,
+              "untrained": json.loads(untrained.read_text()) if untrained.exists() else []}
     (out / protocol / "record.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -93,6 +142,8 @@ def main(argv=None):
         sweep.main(variant_arguments(args.protocol, variant, args.out) + extra)
     if args.print_commands:
         return None
+    if not (args.out / args.protocol / "untrained.json").exists():
+        untrained_baselines(args.protocol, args.out)
     result = record(args.protocol, args.out)
     print(f"saved {args.out / args.protocol / 'record.json'}")
     return result

@@ -140,6 +140,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def metric_header(key: str) -> str:
+    metric, _, dataset = key.partition("@")
+    return METRICS[metric] + (f" on {dataset}" if dataset else "")
+
+
 def markdown(rows: list[dict]) -> str:
     def cell(row, key):
         if key not in row:
@@ -148,12 +153,8 @@ def markdown(rows: list[dict]) -> str:
         text = f"{100 * row[key]:.1f} ± {100 * row[key + '_spread'] / 2:.1f}"
         return text + ("" if difference is None or row["optimizer"] == "fp32" else f" ({100 * difference:+.1f})")
 
-    def header(key):
-        metric, _, dataset = key.partition("@")
-        return METRICS[metric] + (f" on {dataset}" if dataset else "")
-
     keys = metric_keys(rows)
-    lines = ["| method | optimizer state | seeds | " + " | ".join(map(header, keys)) +
+    lines = ["| method | optimizer state | seeds | " + " | ".join(map(metric_header, keys)) +
              " | state KiB | optimizer ms/step | model ms/step |", "|---|---|---:|" + "---:|" * (len(keys) + 3)]
     for row in sorted(rows, key=lambda r: (r["method"], list(OPTIMIZER_PRESETS).index(r["optimizer"]))):
         lines.append(f"| {row['method']} | {row['optimizer']} | {len(row['seeds'])} | "

@@ -35,8 +35,21 @@ def protocol_section(name: str, record: dict) -> str:
     rows = [{**row, "method": f"{row['method']} ({variant['label']})" if len(record["variants"]) > 1 else row["method"]}
             for variant in record["variants"] for row in variant["rows"]]
     commands = "\n".join(f"- {variant['label']}: `{variant['command']}`" for variant in record["variants"])
-    return (f"### {name}\n\n{record['what']}\n\n{sweep.markdown(rows)}\nReproduce: `{record['command']}`, "
-            f"which runs these sweeps:\n\n{commands}")
+    return (f"### {name}\n\n{record['what']}\n\n{sweep.markdown(rows)}{untrained_table(record.get('untrained', []))}"
+            f"\nReproduce: `{record['command']}`, which runs these sweeps:\n\n{commands}")
+
+
+def untrained_table(rows: list[dict]) -> str:
+    """The backbones as initialised, before any pretraining: what the runs have to beat."""
+    if not rows:
+        return ""
+    keys = sweep.metric_keys(rows)
+    lines = ["| untrained backbone | seeds | " + " | ".join(map(sweep.metric_header, keys)) + " |",
+             "|---|---:|" + "---:|" * len(keys)]
+    lines += [f"| {row['backbone']} | {row['seeds']} | "
+              + " | ".join(f"{100 * row[k]:.1f} ± {100 * row[k + '_spread'] / 2:.1f}" for k in keys) + " |"
+              for row in rows]
+    return "\nThe same backbones untrained (initialised as the runs; medians over seeds):\n\n" + "\n".join(lines) + "\n"
 
 
 def make(results: Path, out: Path) -> list[Path]:

@@ -102,7 +102,9 @@ def test_protocol_records_are_filed_and_tabulated_with_their_variants(tmp_path):
 
     record = {"protocol": "pass", "what": "two pretraining sets", "command": "python -m experiments.protocols pass",
               "variants": [{"label": "pretrain-procedural", "command": "sweep A", "rows": rows(0.5), "runs": [{}]},
-                           {"label": "pretrain-fashion-mnist", "command": "sweep B", "rows": rows(0.75), "runs": [{}]}]}
+                           {"label": "pretrain-fashion-mnist", "command": "sweep B", "rows": rows(0.75), "runs": [{}]}],
+              "untrained": [{"backbone": "resnet-tiny", "seeds": 3, "knn_accuracy@mnist": 0.25,
+                             "knn_accuracy@mnist_spread": 0.5}]}
     (tmp_path / "record.json").write_text(json.dumps(record))
     results = tmp_path / "results"
     results.mkdir()
@@ -115,6 +117,7 @@ def test_protocol_records_are_filed_and_tabulated_with_their_variants(tmp_path):
     assert "| moco (pretrain-procedural) | fp32 | 1 | 50.0 ± 0.0 |" in text
     assert "| moco (pretrain-fashion-mnist) | fp32 | 1 | 75.0 ± 0.0 |" in text
     assert "k-NN % on mnist" in text and "`sweep A`" in text and "`sweep B`" in text
+    assert "| resnet-tiny | 3 | 25.0 ± 25.0 |" in text
 
     record["variants"][1]["runs"] = []  # an unfinished variant is not filed
     (tmp_path / "record.json").write_text(json.dumps(record))

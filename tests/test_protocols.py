@@ -1,6 +1,8 @@
 """The recorded protocols: each variant is a sweep with the protocol's settings; the record gathers them."""
 import json
 
+import pytest
+
 from experiments import protocols
 
 
@@ -31,3 +33,29 @@ def test_record_gathers_each_variants_table(tmp_path):
     assert [v["label"] for v in record["variants"]] == ["pretrain-procedural", "pretrain-fashion-mnist"]
     assert record["variants"][0]["command"] == "sweep pretrain-procedural"
     assert json.loads((tmp_path / "pass" / "record.json").read_text()) == record
+
+
+def test_evaluation_options_read_the_protocols_sweep_arguments():
+    assert protocols.evaluation_options("pass") == (["fashion-mnist-subset", "mnist", "animal-mnist"], False)
+    assert protocols.evaluation_options("medical-mae") == ([None], True)
+    assert protocols.evaluation_options("five-methods") == ([None], False)
+
+
+def test_untrained_baselines_evaluate_each_backbone_as_its_runs_initialise_it(tmp_path, monkeypatch):
+    from experiments import train
+    from experiments.config import load_config
+
+    monkeypatch.setitem(protocols.PROTOCOLS, "tiny", {"what": "", "sweep": [], "variants": {"a": []}})
+    config = load_config({"method": "simclr", "train_subset": 32, "batch_size": 16, "threads": 1,
+                          "eval_subset": 40, "probe_epochs": 5, "knn_k": 5, "checkpoint_every": 0})
+    for seed in (0, 1):
+        run_dir = tmp_path / "tiny" / "a" / "runs" / f"simclr-fp32-seed{seed}"
+        train.pretrain(load_config(config.to_dict(), {"seed": seed}), run_dir, progress=False)
+        train.evaluate_run(run_dir)
+    rows = protocols.untrained_baselines("tiny", tmp_path)
+    assert [(r["backbone"], r["seeds"]) for r in rows] == [("resnet-tiny", 2)]
+    expected = [train.evaluate_backbone(train.build_method(load_config(config.to_dict(), {"seed": seed})).backbone,
+                                        config)["knn_accuracy"] for seed in (0, 1)]
+    assert rows[0]["knn_accuracy"] == pytest.approx(sum(expected) / 2)
+    assert rows[0]["knn_accuracy_spread"] == pytest.approx(abs(expected[0] - expected[1]))
+    assert json.loads((tmp_path / "tiny" / "untrained.json").read_text()) == rows
