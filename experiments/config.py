@@ -36,6 +36,7 @@ class RunConfig:
     block_size: int = 256
     code: str = "dynamic"
     min_8bit_size: int = 4096  # quantlab and bitsandbytes keep float32 states for smaller tensors
+    shard_optimizer_state: bool = False  # under torchrun: ZeroRedundancyOptimizer, each rank keeps its share
     lr: float = 1e-3
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (MoCo v2's schedule)
     weight_decay: float = 1e-2
@@ -90,6 +91,8 @@ class RunConfig:
         self.finetune_fractions = _float_tuple("finetune_fractions", self.finetune_fractions, None)
         if not all(0 < f <= 1 for f in self.finetune_fractions):
             raise ValueError(f"finetune_fractions must lie in (0, 1], got {self.finetune_fractions}")
+        if not isinstance(self.shard_optimizer_state, bool):
+            raise ValueError(f"shard_optimizer_state must be true or false, got {self.shard_optimizer_state!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string, got {self.data_root!r}")
         if self.optimizer == "torch-adamw" and self.state_bits != 32:
@@ -192,22 +195,34 @@ def load_config(*layers: dict) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
-    """AdamW as the config names it: torch's (float32 states), quantlab's or bitsandbytes' (8-bit states)."""
-    params = list(params)
+def optimizer_class(config: RunConfig) -> tuple[type, dict]:
+    """AdamW as the config names it, as (class, keyword arguments): torch's (float32 states),
+    quantlab's or bitsandbytes' (8-bit states)."""
     hyper = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "torch-adamw":
-        return torch.optim.AdamW(params, **hyper)
+        return torch.optim.AdamW, hyper
     if config.optimizer == "quantlab-adamw":
         import quantlab.codes
         import quantlab.optim
 
         code = quantlab.codes.dynamic_code if config.code == "dynamic" else quantlab.codes.linear_code
-        return quantlab.optim.AdamW(params, **hyper, state_bits=config.state_bits, block_size=config.block_size,
-                                    signed_code=code(signed=True), unsigned_code=code(signed=False),
-                                    min_8bit_size=config.min_8bit_size)
+        return quantlab.optim.AdamW, dict(hyper, state_bits=config.state_bits, block_size=config.block_size,
+                                          signed_code=code(signed=True), unsigned_code=code(signed=False),
+                                          min_8bit_size=config.min_8bit_size)
     try:
         import bitsandbytes
     except ImportError as error:
         raise ValueError("optimizer bnb-adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
-    return bitsandbytes.optim.AdamW8bit(params, **hyper, min_8bit_size=config.min_8bit_size)
+    return bitsandbytes.optim.AdamW8bit, dict(hyper, min_8bit_size=config.min_8bit_size)
+
+
+def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    """The config's optimizer over params; with shard_optimizer_state on several processes, inside
+    torch's ZeroRedundancyOptimizer (ZeRO-1: each rank steps and keeps the state of its share)."""
+    cls, options = optimizer_class(config)
+    params = list(params)
+    if config.shard_optimizer_state and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options)
+    return cls(params, **options)

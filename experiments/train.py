@@ -39,7 +39,10 @@ from pathlib import Path
 
 import numba
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
+
+import quantlab.optim
 
 from experiments import distributed
 
@@ -54,7 +57,7 @@ from experiments.multilabel import fine_tune_multilabel, linear_probe_multilabel
 PHASES = ("data_s", "model_s", "optimizer_s")  # data + augmentation, forward + backward, optimizer step
 # a resumed run may change these: they do not touch the training computation up to the saved step
 RESUMABLE_CHANGES = {"epochs", "checkpoint_every", "knn_k", "knn_temperature", "probe_epochs", "eval_subset",
-                     "finetune_fractions", "finetune_epochs", "finetune_lr"}
+                     "finetune_fractions", "finetune_epochs", "finetune_lr", "shard_optimizer_state"}
 
 
 def derived_seed(*parts) -> int:
@@ -209,6 +212,30 @@ def load_checkpoint(run_dir) -> dict:
         raise RuntimeError(f"{path} is not a complete checkpoint ({error}); nothing was loaded") from error
 
 
+def local_optimizer(optimizer):
+    """What steps this rank's parameters: the optimizer, or ZeRO's optimizer of this rank's share."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def whole_optimizer_state(optimizer) -> dict | None:
+    """The optimizer's state dict; under ZeRO the ranks' shares consolidated on rank 0 (a collective:
+    every rank calls it; None elsewhere), quantlab's codes as plain data for weights-only loading."""
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer.state_dict()
+    optimizer.consolidate_state_dict(to=0)
+    if distributed.rank() != 0:
+        return None
+    state = optimizer.state_dict()
+    return {**state, "param_groups": [quantlab.optim.codes_as_data(g) for g in state["param_groups"]]}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """A whole state dict, saved by any world size, into the optimizer (ZeRO keeps each rank's share)."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # which hands the param groups on as they are
+        state = {**state, "param_groups": [quantlab.optim.codes_as_objects(g) for g in state["param_groups"]]}
+    optimizer.load_state_dict(state)
+
+
 def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
     current = config.to_dict()
     changed = sorted(k for k in current if current[k] != saved.get(k)) if saved.keys() == current.keys() else ["keys"]
@@ -220,9 +247,9 @@ def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in optimizer.state, each storage counted once."""
+    """Bytes of the tensors in optimizer.state, each storage counted once: under ZeRO, this rank's share."""
     storages = {}
-    for state in optimizer.state.values():
+    for state in local_optimizer(optimizer).state.values():
         for value in state.values():
             if torch.is_tensor(value):
                 storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
@@ -259,7 +286,9 @@ def summarize(metrics: list[dict], optimizer, method, elapsed_s: float) -> dict:
     parameters = sum(p.numel() for p in method.trainable_parameters())
     state_bytes = optimizer_state_bytes(optimizer)
     # 8-bit optimizers keep float32 states for tensors under min_8bit_size elements
-    in_8bit = sum(p.numel() for p, state in optimizer.state.items()
+    local = local_optimizer(optimizer)
+    local_parameters = sum(p.numel() for group in local.param_groups for p in group["params"])
+    in_8bit = sum(p.numel() for p, state in local.state.items()
                   if any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in state.values()))
     return {
         "steps": len(metrics),
@@ -269,7 +298,7 @@ def summarize(metrics: list[dict], optimizer, method, elapsed_s: float) -> dict:
         "trainable_parameters": parameters,
         "optimizer_state_bytes": state_bytes,
         "optimizer_state_bytes_per_parameter": state_bytes / parameters,
-        "fraction_of_parameters_with_8bit_state": in_8bit / parameters,
+        "fraction_of_parameters_with_8bit_state": in_8bit / local_parameters,
         "time_split": {phase: {"median_ms": 1e3 * statistics.median(m[phase] for m in metrics),
                                "total_s": totals[phase], "fraction": totals[phase] / step_total} for phase in PHASES},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # the whole process's peak
@@ -327,7 +356,7 @@ def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, ov
         checkpoint = load_checkpoint(out_dir)
         check_resumable(checkpoint["config"], config, checkpoint["step"], total_steps)
         method.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         metrics, step, elapsed_before = checkpoint["metrics"], checkpoint["step"], checkpoint["elapsed_s"]
     elif (out_dir / "checkpoint.pt").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run: resume it, or choose another directory")
@@ -340,8 +369,9 @@ def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, ov
         write_jsonl(out_dir / "metrics.jsonl", metrics)  # on resume: cut back to the checkpoint's step
 
     def save_checkpoint():
+        optimizer_state = whole_optimizer_state(optimizer)  # on every rank: a collective under ZeRO
         if writes:
-            save_atomically({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            save_atomically({"model": method.state_dict(), "optimizer": optimizer_state, "step": step,
                              "epoch": step // steps_per_epoch, "config": config.to_dict(), "metrics": metrics,
                              "elapsed_s": elapsed_before + time.perf_counter() - started, "world_size": world},
                             out_dir / "checkpoint.pt")

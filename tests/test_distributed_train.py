@@ -44,16 +44,21 @@ def losses(run_dir):
 
 def test_two_processes_match_one_and_checkpoints_move_between_world_sizes(tmp_path):
     """Each run trains epoch 1 on some world size, then resumes for epoch 2 (--epochs 2) on some world
-    size: 1 then 1 (the reference), 2 then 1, and 1 then 2."""
+    size: 1 then 1 (the reference), 2 with the optimizer state sharded (ZeRO) then 1, and 1 then 2."""
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(CONFIG))
     one_epoch, two_epochs = load_config(CONFIG), load_config(CONFIG, {"epochs": 2})
     train.pretrain(one_epoch, tmp_path / "one", progress=False)
     shutil.copytree(tmp_path / "one", tmp_path / "one-then-two")
     train.pretrain(two_epochs, tmp_path / "one", resume=True, progress=False)
-    torchrun_pretrain(config_file, tmp_path / "two-then-one")
+    torchrun_pretrain(config_file, tmp_path / "two-then-one", "--set", "shard_optimizer_state=true")
     saved = train.load_checkpoint(tmp_path / "two-then-one")
     assert saved["world_size"] == 2 and saved["step"] == 2
+    sharded = json.loads((tmp_path / "two-then-one" / "summary.json").read_text())
+    whole = json.loads((tmp_path / "one" / "summary.json").read_text())
+    # rank 0 kept the state of about half the tensors; the checkpoint holds all of them
+    assert 0.2 < sharded["optimizer_state_bytes"] / whole["optimizer_state_bytes"] < 0.8
+    assert saved["optimizer"]["state"].keys() == train.load_checkpoint(tmp_path / "one")["optimizer"]["state"].keys()
     train.pretrain(two_epochs, tmp_path / "two-then-one", resume=True, progress=False)
     torchrun_pretrain(config_file, tmp_path / "one-then-two", "--epochs", "2", "--resume")
 

@@ -61,7 +61,7 @@ def codes_as_data(group: dict) -> dict:
     consolidated state dict needs it before saving (ZeRO copies the param groups, Codes and all)."""
     data = dict(group)
     for key in CODE_OPTIONS:
-        if isinstance(group[key], Code):
+        if isinstance(group.get(key), Code):
             data[key] = {"name": group[key].name, "bits": group[key].bits,
                          "values": torch.from_numpy(group[key].values.copy())}
     return data
@@ -73,7 +73,7 @@ def codes_as_objects(group: dict) -> dict:
     dict needs it before being loaded there."""
     objects = dict(group)
     for key in CODE_OPTIONS:
-        if isinstance(group[key], dict):
+        if isinstance(group.get(key), dict):
             objects[key] = Code(group[key]["values"].numpy(), group[key]["name"], group[key]["bits"])
     return objects
 
