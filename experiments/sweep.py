@@ -100,6 +100,8 @@ def run_result(run_dir: Path, eval_datasets: list[str] = ()) -> dict | None:
         own = json.loads((run_dir / "config.json").read_text())["dataset"] == dataset
         return run_dir / ("eval.json" if dataset is None or own else f"eval-{dataset}.json")
 
+    if not (run_dir / "config.json").exists():  # not started
+        return None
     files = {f"@{name}": evaluation(name) for name in eval_datasets} or {"": run_dir / "eval.json"}
     if not all(path.exists() for path in files.values()):
         return None

@@ -82,6 +82,7 @@ def fake_run_dir(path, dataset, evaluations):
 
 def test_eval_datasets_give_one_metric_per_dataset_and_wait_for_every_evaluation(tmp_path):
     datasets = ["fashion-mnist-subset", "mnist"]
+    assert sweep.run_result(tmp_path / "not-started", datasets) is None
     # pretrained on the procedural set: both evaluations are on other datasets
     fake_run_dir(tmp_path / "a", "procedural", {"eval-fashion-mnist-subset.json": {"knn_accuracy": 0.5},
                                                 "eval-mnist.json": {"knn_accuracy": 0.25, "linear_accuracy": 0.75}})
