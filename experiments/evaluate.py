@@ -130,23 +130,32 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError(f"need epochs >= 1, lr > 0, weight_decay >= 0; got {epochs}, {lr}, {weight_decay}")
     device = train_features.device
     x_train, x_test = standardise(train_features.float(), test_features.float().to(device))
-    y_train = train_labels.to(device).long()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    weight, bias = fit_linear(x_train, train_labels.to(device).long(), num_classes, F.cross_entropy, epochs, lr,
+                              weight_decay, seed)
+    return accuracy((x_test @ weight + bias).argmax(dim=1), test_labels)
+
+
+def fit_linear(x_train: torch.Tensor, targets: torch.Tensor, outputs: int, data_loss, epochs: int, lr: float,
+               weight_decay: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [D, outputs], bias [outputs]) minimising data_loss(x @ weight + bias, targets) + weight_decay / 2
+    * ||weight||^2 full-batch by L-BFGS with a strong-Wolfe line search (`epochs` iterations); `seed`
+    draws the initial weights. Returned detached."""
+    device = x_train.device
     generator = torch.Generator().manual_seed(seed)
-    weight = (0.01 * torch.randn(x_train.shape[1], num_classes, generator=generator)).to(device).requires_grad_()
-    bias = torch.zeros(num_classes, device=device, requires_grad=True)
+    weight = (0.01 * torch.randn(x_train.shape[1], outputs, generator=generator)).to(device).requires_grad_()
+    bias = torch.zeros(outputs, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=lr, max_iter=epochs, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x_train @ weight + bias, y_train) + 0.5 * weight_decay * weight.square().sum()
+        loss = data_loss(x_train @ weight + bias, targets) + 0.5 * weight_decay * weight.square().sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    with torch.no_grad():
-        return accuracy((x_test @ weight + bias).argmax(dim=1), test_labels)
+    return weight.detach(), bias.detach()
 
 
 def add_linear_head(backbone: nn.Module, num_classes: int, example: torch.Tensor) -> nn.Sequential:

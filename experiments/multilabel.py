@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from .backbones import VisionTransformer
 from .data import ImageDataset, to_float
-from .evaluate import add_linear_head, extract_features, module_device, standardise
+from .evaluate import add_linear_head, extract_features, fit_linear, module_device, standardise
 
 RANDAUGMENT_OPS = 2  # timm's default number of ops, used by the paper's "rand-m6-mstd0.5-inc1"
 RANDAUGMENT_MAGNITUDE = 6  # of 10: the "m6" in the paper's scripts
@@ -269,21 +269,11 @@ def linear_probe_multilabel(train_features: torch.Tensor, train_targets: torch.T
     device = train_features.device
     x_train, x_test = standardise(train_features.float(), test_features.float().to(device))
     y_train = train_targets.to(device, torch.float32)
-    num_labels = y_train.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    weight = (0.01 * torch.randn(x_train.shape[1], num_labels, generator=generator)).to(device).requires_grad_()
-    bias = torch.zeros(num_labels, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=epochs, line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        bce = F.binary_cross_entropy_with_logits(x_train @ weight + bias, y_train, reduction="sum") / len(y_train)
-        loss = bce + 0.5 * weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
+    def mean_binary_cross_entropy(logits, targets):  # summed over labels: one independent problem a label
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(targets)
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        mean, per_label = mean_auc((x_test @ weight + bias).cpu(), test_targets)
+    weight, bias = fit_linear(x_train, y_train, y_train.shape[1], mean_binary_cross_entropy, epochs, 1.0,
+                              weight_decay, seed)
+    mean, per_label = mean_auc((x_test @ weight + bias).cpu(), test_targets)
     return {"mean_auc": mean, "per_label_auc": per_label}
