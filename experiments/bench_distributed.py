@@ -25,7 +25,6 @@ import torch.multiprocessing as mp
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import quantlab.optim as qo
-from experiments.bench_optim import state_bytes
 from experiments.bench_quantize import environment
 
 WORLD_SIZE = 2
@@ -84,7 +83,7 @@ def measure(setup: str, name: str, rank: int, world_size: int, config: dict) -> 
         seconds.append(time.perf_counter() - start)
     local_optimizer = optimizer.optim if setup == "ZeRO" else optimizer
     return {"setup": setup, "optimizer": name, "step_s": statistics.median(seconds[config["warmup"]:]),
-            "state_bytes": state_bytes(local_optimizer)}
+            "state_bytes": qo.state_bytes(local_optimizer)}
 
 
 def summary_row(setup: str, per_rank: list) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import quantlab.optim as qo
 from experiments.bench_quantize import environment
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -74,8 +75,6 @@ def parameter_sets(cases, single_size: int, device="cpu", dtype=torch.float32):
 
 
 def optimizers(include_torchao: bool):
-    import quantlab.optim as qo
-
     makers = {
         "torch Adam (default)": lambda p: torch.optim.Adam(p, foreach=False),
         "torch Adam (foreach)": lambda p: torch.optim.Adam(p, foreach=True),
@@ -97,19 +96,6 @@ def optimizers(include_torchao: bool):
         except ImportError:
             pass
     return makers
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage bytes; a tensor subclass (torchao's 8-bit state) counts the tensors it is made of."""
-    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
-
-
-def state_bytes(optimizer) -> int:
-    return sum(tensor_bytes(v) for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor) and v.numel() > 1)
 
 
 class PeakCudaMemory:
@@ -150,7 +136,7 @@ def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - start)
     n = sum(p.numel() for p in params)
     result = {"ms_per_step": 1e3 * float(np.median(times)), "first_step_s": first_step,
-              "state_bytes_per_param": state_bytes(optimizer) / n,
+              "state_bytes_per_param": qo.state_bytes(optimizer) / n,
               "peak_extra_bytes_per_param": (memory.peak - memory.start) / n, "params": n}
     del optimizer, params
     gc.collect()
@@ -159,7 +145,7 @@ def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
 
 def nonfinite_check_cost(make_params, repeats: int) -> dict:
     """ms of quantlab's gradient check (one integer-max pass) vs torch.isfinite(g).all() per step."""
-    from quantlab.optim.optimizer import gradients_finite
+    from quantlab.optim.bridge import gradients_finite
 
     params = make_params()
     for p in params:

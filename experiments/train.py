@@ -223,17 +223,7 @@ def whole_optimizer_state(optimizer) -> dict | None:
     if not isinstance(optimizer, ZeroRedundancyOptimizer):
         return optimizer.state_dict()
     optimizer.consolidate_state_dict(to=0)
-    if distributed.rank() != 0:
-        return None
-    state = optimizer.state_dict()
-    return {**state, "param_groups": [quantlab.optim.codes_as_data(g) for g in state["param_groups"]]}
-
-
-def load_optimizer_state(optimizer, state: dict) -> None:
-    """A whole state dict, saved by any world size, into the optimizer (ZeRO keeps each rank's share)."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):  # which hands the param groups on as they are
-        state = {**state, "param_groups": [quantlab.optim.codes_as_objects(g) for g in state["param_groups"]]}
-    optimizer.load_state_dict(state)
+    return optimizer.state_dict() if distributed.rank() == 0 else None
 
 
 def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
@@ -247,13 +237,8 @@ def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in optimizer.state, each storage counted once: under ZeRO, this rank's share."""
-    storages = {}
-    for state in local_optimizer(optimizer).state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-    return sum(storages.values())
+    """Bytes of the optimizer's states: under ZeRO, this rank's share."""
+    return quantlab.optim.state_bytes(local_optimizer(optimizer))
 
 
 def versions() -> dict:
@@ -289,7 +274,7 @@ def summarize(metrics: list[dict], optimizer, method, elapsed_s: float) -> dict:
     local = local_optimizer(optimizer)
     local_parameters = sum(p.numel() for group in local.param_groups for p in group["params"])
     in_8bit = sum(p.numel() for p, state in local.state.items()
-                  if any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in state.values()))
+                  if any(t.dtype == torch.uint8 for t in quantlab.optim.state.state_tensors(state)))
     return {
         "steps": len(metrics),
         "last_loss": metrics[-1]["loss"],
@@ -356,7 +341,7 @@ def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, ov
         checkpoint = load_checkpoint(out_dir)
         check_resumable(checkpoint["config"], config, checkpoint["step"], total_steps)
         method.load_state_dict(checkpoint["model"])
-        load_optimizer_state(optimizer, checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
         metrics, step, elapsed_before = checkpoint["metrics"], checkpoint["step"], checkpoint["elapsed_s"]
     elif (out_dir / "checkpoint.pt").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run: resume it, or choose another directory")

@@ -87,7 +87,9 @@ class Code:
         return f"Code({self.name!r}, bits={self.bits}, n={len(self)}, signed={self.signed})"
 
     def __reduce__(self):
-        return (Code, (self.values.copy(), self.name, self.bits))
+        # plain floats (float32 -> Python float is exact), so that torch's weights-only unpickler,
+        # which refuses NumPy arrays, can rebuild a Code saved in an optimizer's state dict
+        return (Code, (tuple(self.values.tolist()), self.name, self.bits))
 
 
 def _check_bits(bits: int) -> int:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import quantlab.optim as qo
 from experiments.bench_distributed import init_gloo
-from quantlab.optim.optimizer import is_dtensor
+from quantlab.optim.bridge import is_dtensor
 
 WORLD_SIZE = 2
 STEPS = 4  # distributed steps before results are compared
@@ -60,7 +60,7 @@ def mean_loss(model, x, y, scale=1.0):
 
 
 def plain_state(optimizer) -> dict:
-    """The optimizer's state by parameter index: tensors, ints and tuples only."""
+    """The optimizer's state by parameter index (tensors, quantized states and ints)."""
     return optimizer.state_dict()["state"]
 
 
@@ -109,9 +109,7 @@ def zero_runs(rank: int, out_dir: Path) -> dict:
               "state": plain_state(zero.optim)}
     zero.consolidate_state_dict(to=0)
     if rank == 0:
-        consolidated = zero.state_dict()
-        result["consolidated"] = {**consolidated, "param_groups": [qo.codes_as_data(g)
-                                                                   for g in consolidated["param_groups"]]}
+        result["consolidated"] = zero.state_dict()
 
     checkpoint = torch.load(out_dir / "single_process_checkpoint.pt")
     model = make_model()
@@ -119,9 +117,7 @@ def zero_runs(rank: int, out_dir: Path) -> dict:
         for p, saved in zip(model.parameters(), checkpoint["params"]):
             p.copy_(saved)
     zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=qo.AdamW, lr=1e-2)
-    optimizer_state = checkpoint["optimizer"]
-    zero.load_state_dict({**optimizer_state, "param_groups": [qo.codes_as_objects(g)
-                                                              for g in optimizer_state["param_groups"]]})
+    zero.load_state_dict(checkpoint["optimizer"])
     train(DistributedDataParallel(model), zero, rank, range(STEPS, STEPS + RESUME_STEPS))
     result["resumed_params"] = [p.detach().clone() for p in model.parameters()]
     return result

@@ -95,13 +95,23 @@ def shardwise_run(name: str):
 # --- comparisons --------------------------------------------------------------------------------
 
 def assert_same_state(state, expected, where=""):
-    """Same keys; tensors equal bit for bit, with the same dtype and shape; the rest equal."""
+    """Same keys; tensors (a quantized state's too) equal bit for bit, with the same dtype and shape;
+    the rest equal."""
     assert state.keys() == expected.keys(), where
     for key, value in expected.items():
-        if torch.is_tensor(value):
+        if isinstance(value, qo.QuantizedState):
+            assert (state[key].code, state[key].block_size) == (value.code, value.block_size), f"{where} {key}"
+            assert_same_state({"indices": state[key].indices, "absmax": state[key].absmax},
+                              {"indices": value.indices, "absmax": value.absmax}, f"{where} {key}")
+        elif torch.is_tensor(value):
             assert value.dtype == state[key].dtype and torch.equal(state[key], value), f"{where} {key}"
         else:
             assert state[key] == value, f"{where} {key}"
+
+
+def state_bits(state: dict) -> int:
+    """8 if a parameter's optimizer state is quantized, else 32."""
+    return 8 if any(isinstance(v, qo.QuantizedState) for v in state.values()) else 32
 
 
 def assert_same_tensors(tensors, expected, where=""):
@@ -122,7 +132,7 @@ def relative_deviation(params, params_ref, start) -> float:
 
 
 def state_nbytes(state: dict) -> int:
-    return sum(v.nbytes for s in state.values() for v in s.values() if torch.is_tensor(v))
+    return sum(v.nbytes for s in state.values() for v in s.values() if isinstance(v, (torch.Tensor, qo.QuantizedState)))
 
 
 # --- the spawned job ----------------------------------------------------------------------------
@@ -158,7 +168,7 @@ def test_ddp_gradient_is_the_sum_of_halved_rank_gradients(ranks):
 def test_ddp_matches_single_process_bit_for_bit(ranks, name):
     model, optimizer = single_process_run(name, range(STEPS))
     expected_state = optimizer.state_dict()["state"]
-    assert {s["format"][0] for s in expected_state.values()} == {8, 32}  # both kinds of state are covered
+    assert {state_bits(s) for s in expected_state.values()} == {8, 32}  # both kinds of state are covered
     for r, rank in enumerate(ranks):
         assert_same_tensors(rank["ddp"][name]["params"], params_of(model), f"rank {r}")
         for i, state in expected_state.items():
@@ -237,7 +247,7 @@ def test_fsdp2_8bit_blocks_follow_the_shards(ranks):
         for i, per_rank in enumerate(shards):
             assert_same_state(run["state"][i], optimizer.state[per_rank[r]], f"rank {r} parameter {i}")
         # the two weights above min_8bit_size keep 8-bit state although each shard is below it
-        assert [s["format"][0] for s in run["state"].values()] == [8, 32, 8, 32, 32, 32, 32]
+        assert [state_bits(s) for s in run["state"].values()] == [8, 32, 8, 32, 32, 32, 32]
     assert ranks[1]["fsdp2"]["adamw8"]["params"][4].numel() == 0  # PReLU's weight: nothing on rank 1
 
 

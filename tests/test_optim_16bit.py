@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quantlab.optim as qo
-from quantlab.optim import optimizer as optimizer_module
+from quantlab.optim import bridge
 
 OPTIMIZERS = {
     "Adam": lambda ps, **kw: qo.Adam(ps, lr=1e-2, **kw),
@@ -28,7 +28,14 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 def state_tensors(opt, p):
-    return {k: v for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    """Every tensor of p's optimizer state by a name (a QuantizedState's as NAME.indices, NAME.absmax)."""
+    tensors = {}
+    for name, value in opt.state[p].items():
+        if isinstance(value, qo.QuantizedState):
+            tensors.update({f"{name}.indices": value.indices, f"{name}.absmax": value.absmax})
+        elif torch.is_tensor(value):
+            tensors[name] = value
+    return tensors
 
 
 def run_beside_float32_twin(make, dtype, n, steps, state_bits, seed=0):
@@ -58,14 +65,14 @@ def run_beside_float32_twin(make, dtype, n, steps, state_bits, seed=0):
 @pytest.mark.parametrize("state_bits", [8, 32])
 def test_16bit_step_is_the_rounded_float32_step(name, dtype, state_bits):
     p, opt = run_beside_float32_twin(OPTIMIZERS[name], dtype, n=5000, steps=4, state_bits=state_bits)
-    float_states = [v for k, v in state_tensors(opt, p).items() if not k.endswith("_q")]
+    float_states = [v for k, v in state_tensors(opt, p).items() if not k.endswith(".indices")]
     assert float_states and all(v.dtype == torch.float32 for v in float_states)
 
 
 @pytest.mark.parametrize("name", ["AdamW", "LAMB", "SGD"])
 def test_16bit_parameters_are_stepped_in_chunks_of_whole_blocks(monkeypatch, name):
     # 1300 elements in chunks of 512 (two 256-element blocks): three chunks, the last one partial.
-    monkeypatch.setattr(optimizer_module, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(bridge, "CHUNK_ELEMENTS", 512)
     run_beside_float32_twin(OPTIMIZERS[name], torch.bfloat16, n=1300, steps=3, state_bits=8)
     run_beside_float32_twin(lambda ps, **kw: OPTIMIZERS[name](ps, min_8bit_size=0, **kw), torch.float16,
                             n=1300, steps=3, state_bits=8)
@@ -124,7 +131,7 @@ def test_bfloat16_state_dict_round_trip_keeps_float32_states(state_bits):
     opt2.load_state_dict(saved["opt"])
     for p in resumed.parameters():
         for key, value in state_tensors(opt2, p).items():
-            assert value.dtype == (torch.uint8 if key.endswith("_q") else torch.float32), key
+            assert value.dtype == (torch.uint8 if key.endswith(".indices") else torch.float32), key
     train(resumed, opt2, 3, start=2)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)

@@ -20,8 +20,8 @@ from quantlab.codes import dynamic_code, linear_code
 from kernel_cases import reference_adam_step_8bit  # noqa: E402
 
 
-EIGHT_BIT_KEYS = {"exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"}
-THIRTY_TWO_BIT_KEYS = {"exp_avg", "exp_avg_sq"}
+EIGHT_BIT = {"exp_avg": 8, "exp_avg_sq": 8}
+THIRTY_TWO_BIT = {"exp_avg": 32, "exp_avg_sq": 32}
 
 OURS_AND_TORCH = [
     pytest.param(qo.Adam, torch.optim.Adam, 0.0, id="adam"),
@@ -50,11 +50,51 @@ def relative_deviation(delta, delta_ref) -> float:
     return ((delta - delta_ref).norm() / delta_ref.norm()).item()
 
 
+def layout(state: dict) -> dict:
+    """{state name: 8 or 32} of one parameter's optimizer state, after checking its step count and
+    that 32-bit states are float32 and 8-bit ones QuantizedStates."""
+    assert isinstance(state["step"], int)
+    formats = {}
+    for name, value in state.items():
+        if name != "step":
+            assert isinstance(value, qo.QuantizedState) or value.dtype == torch.float32, name
+            formats[name] = 8 if isinstance(value, qo.QuantizedState) else 32
+    return formats
+
+
+def state_tensors(state: dict) -> dict:
+    """Every tensor of one parameter's optimizer state by a name: a QuantizedState's as NAME.indices
+    and NAME.absmax."""
+    tensors = {}
+    for name, value in state.items():
+        if isinstance(value, qo.QuantizedState):
+            tensors.update({f"{name}.indices": value.indices, f"{name}.absmax": value.absmax})
+        elif torch.is_tensor(value):
+            tensors[name] = value
+    return tensors
+
+
+def clone_state(value):
+    if isinstance(value, qo.QuantizedState):
+        return qo.QuantizedState(value.indices.clone(), value.absmax.clone(), value.code, value.block_size)
+    return value.clone() if torch.is_tensor(value) else value
+
+
 def snapshot(opt, params):
     """Deep copies of the parameters and every optimizer state value."""
-    state = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-             for i, p in enumerate(params) if p in opt.state}
+    state = {i: {k: clone_state(v) for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state}
     return [p.detach().clone() for p in params], state
+
+
+def assert_states_equal(x, y, what):
+    """Two state values equal: tensors in dtype and value, quantized states in all four parts."""
+    if isinstance(x, qo.QuantizedState):
+        assert isinstance(y, qo.QuantizedState) and (x.code, x.block_size) == (y.code, y.block_size), what
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.absmax, y.absmax), what
+    elif torch.is_tensor(x):
+        assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), what
+    else:
+        assert x == y, what
 
 
 def assert_same_snapshot(before, after):
@@ -65,21 +105,17 @@ def assert_same_snapshot(before, after):
     for i in state_a:
         assert state_a[i].keys() == state_b[i].keys(), f"state keys of parameter {i} changed"
         for k in state_a[i]:
-            x, y = state_a[i][k], state_b[i][k]
-            if torch.is_tensor(x):
-                assert x.dtype == y.dtype and torch.equal(x, y), f"state {k} of parameter {i} changed"
-            else:
-                assert x == y, f"state {k} of parameter {i} changed"
+            assert_states_equal(state_a[i][k], state_b[i][k], f"state {k} of parameter {i} changed")
+
+
+def dequantized(state: qo.QuantizedState) -> np.ndarray:
+    """A quantized state's values by the reference, flat."""
+    return reference.dequantize_blockwise(state.indices.numpy(), state.absmax.numpy(), state.code,
+                                          state.block_size).reshape(-1)
 
 
 def dequantized_states(opt, p):
-    state, fmt = opt.state[p], opt.state[p]["format"]
-    group = opt.param_groups[0]
-    m = reference.dequantize_blockwise(state["exp_avg_q"].numpy(), state["exp_avg_absmax"].numpy(),
-                                       group["signed_code"], fmt[1])
-    v = reference.dequantize_blockwise(state["exp_avg_sq_q"].numpy(), state["exp_avg_sq_absmax"].numpy(),
-                                       group["unsigned_code"], fmt[1])
-    return m.reshape(-1), v.reshape(-1)
+    return dequantized(opt.state[p]["exp_avg"]), dequantized(opt.state[p]["exp_avg_sq"])
 
 
 def hyper(opt_class, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -239,10 +275,10 @@ def test_8bit_steps_are_the_reference_steps(opt_class, block_size):
         state = opt.state[p]
         assert state["step"] == step
         assert_bits_equal(flat(p), param, "param")
-        assert_bits_equal(flat(state["exp_avg_q"]), m_q, "exp_avg_q")
-        assert_bits_equal(state["exp_avg_absmax"].numpy(), m_absmax, "exp_avg_absmax")
-        assert_bits_equal(flat(state["exp_avg_sq_q"]), v_q, "exp_avg_sq_q")
-        assert_bits_equal(state["exp_avg_sq_absmax"].numpy(), v_absmax, "exp_avg_sq_absmax")
+        assert_bits_equal(flat(state["exp_avg"].indices), m_q, "exp_avg indices")
+        assert_bits_equal(state["exp_avg"].absmax.numpy(), m_absmax, "exp_avg absmax")
+        assert_bits_equal(flat(state["exp_avg_sq"].indices), v_q, "exp_avg_sq indices")
+        assert_bits_equal(state["exp_avg_sq"].absmax.numpy(), v_absmax, "exp_avg_sq absmax")
 
 
 # --- 8-bit state against bitsandbytes --------------------------------------------------------
@@ -270,7 +306,7 @@ def deviations_vs_torch(n, steps, seed, zero_fraction=0.0):
         lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3, weight_decay=0, min_8bit_size=4096), n, steps, seed,
         zero_fraction)
     # both really keep 8-bit states
-    assert ours_state["exp_avg_q"].dtype == torch.uint8 and ours_state["exp_avg_sq_q"].dtype == torch.uint8
+    assert layout(ours_state) == EIGHT_BIT
     assert bnb_state["state1"].dtype == torch.uint8 and bnb_state["state2"].dtype == torch.uint8
     delta_torch = p_torch - p0
     return (relative_deviation(p_ours - p0, delta_torch), relative_deviation(p_bnb - p0, delta_torch),
@@ -335,10 +371,7 @@ def assert_same_parameters_and_states(params, opt, other_params, other_opt):
         s, t = opt.state[p], other_opt.state[q]
         assert set(s) == set(t)
         for k in s:
-            if torch.is_tensor(s[k]):
-                assert s[k].dtype == t[k].dtype and torch.equal(s[k], t[k]), k
-            else:
-                assert s[k] == t[k], k
+            assert_states_equal(s[k], t[k], k)
 
 
 def train_mlp(make, steps=200, seed=0):
@@ -367,8 +400,8 @@ def assert_8bit_trains_like_32bit(name, make, state_key, trained_below, toleranc
     print(f"MLP after 200 steps, {name}: 32-bit {loss32:.5f}, 8-bit {loss8:.5f}, "
           f"gap {(loss8 - loss32) / loss32:+.4%}")
     big = [p for p in model8.parameters() if p.numel() >= 4096]
-    assert len(big) == 2 and all(f"{state_key}_q" in opt8.state[p] for p in big)  # really 8-bit
-    assert all(state_key in opt32.state[p] for p in opt32.param_groups[0]["params"])
+    assert len(big) == 2 and all(layout(opt8.state[p])[state_key] == 8 for p in big)  # really 8-bit
+    assert all(layout(opt32.state[p])[state_key] == 32 for p in opt32.param_groups[0]["params"])
     assert loss32 < trained_below
     assert abs(loss8 - loss32) <= tolerance * loss32
 
@@ -399,20 +432,21 @@ def test_state_layout_and_size(block_size):
 
     for p in (big, odd, at_threshold):
         state = opt.state[p]
-        assert set(state) == EIGHT_BIT_KEYS | {"step", "format"}
+        assert layout(state) == EIGHT_BIT
         blocks = math.ceil(p.numel() / block_size)
         for name in ("exp_avg", "exp_avg_sq"):
-            q, absmax = state[f"{name}_q"], state[f"{name}_absmax"]
-            assert q.dtype == torch.uint8 and q.shape == p.shape
+            q, absmax = state[name].indices, state[name].absmax
+            assert q.dtype == torch.uint8 and q.shape == p.shape and state[name].block_size == block_size
             assert absmax.dtype == torch.float32 and absmax.shape == (blocks,)
-        state_bytes = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        state_bytes = sum(v.numel() * v.element_size() for v in state_tensors(state).values())
+        assert state_bytes == sum(state[name].nbytes for name in ("exp_avg", "exp_avg_sq"))
         assert state_bytes == 2 * p.numel() + 8 * blocks
         if p.numel() % block_size == 0:
             assert state_bytes / p.numel() == 2 + 8 / block_size
 
     state = opt.state[small]
-    assert set(state) == THIRTY_TWO_BIT_KEYS | {"step", "format"}
-    for name in THIRTY_TWO_BIT_KEYS:
+    assert layout(state) == THIRTY_TWO_BIT
+    for name in THIRTY_TWO_BIT:
         assert state[name].dtype == torch.float32 and state[name].shape == small.shape
 
 
@@ -421,7 +455,7 @@ def test_state_bits_32_keeps_every_state_in_float32():
     opt = qo.AdamW([p], state_bits=32)
     p.grad = torch.randn(p.shape)
     opt.step()
-    assert set(opt.state[p]) == THIRTY_TWO_BIT_KEYS | {"step", "format"}
+    assert layout(opt.state[p]) == THIRTY_TWO_BIT
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -467,8 +501,8 @@ def test_state_dict_round_trip_is_exact(opt_class, state_bits):
     opt_b.load_state_dict(saved["optimizer"])
     checkpoint_steps(model_b, opt_b, 10, start=10)
 
-    expected_keys = EIGHT_BIT_KEYS if state_bits == 8 else THIRTY_TWO_BIT_KEYS
-    assert any(expected_keys <= set(opt.state[p]) for p in model.parameters())
+    expected = EIGHT_BIT if state_bits == 8 else THIRTY_TWO_BIT
+    assert any(layout(opt.state[p]) == expected for p in model.parameters())
     assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
 
@@ -480,8 +514,8 @@ def test_set_options_before_building_gives_float32_state():
     opt = qo.Adam([a, b])
     a.grad, b.grad = torch.randn(5000), torch.randn(5000)
     opt.step()
-    assert set(opt.state[a]) == THIRTY_TWO_BIT_KEYS | {"step", "format"}
-    assert set(opt.state[b]) == EIGHT_BIT_KEYS | {"step", "format"}
+    assert layout(opt.state[a]) == THIRTY_TWO_BIT
+    assert layout(opt.state[b]) == EIGHT_BIT
 
 
 @pytest.mark.parametrize("opt_class", [qo.Adam, qo.AdamW])
@@ -496,18 +530,18 @@ def test_set_options_after_first_step_converts_state(opt_class):
 
     p.grad = grads[0]
     opt.step()
-    assert "exp_avg_q" in opt.state[p]
+    assert layout(opt.state[p]) == EIGHT_BIT
     m, v = dequantized_states(opt, p)
 
     qo.set_options(p, state_bits=32)
-    assert "exp_avg_q" in opt.state[p]  # converted at the next step, not before
+    assert layout(opt.state[p]) == EIGHT_BIT  # converted at the next step, not before
     param = flat(p).copy()
     for step in (2, 3):
         p.grad = grads[step - 1]
         opt.step()
         param, m, v = reference.adam_update(param, flat(p.grad), m, v, h[step])
         state = opt.state[p]
-        assert set(state) == THIRTY_TWO_BIT_KEYS | {"step", "format"} and state["step"] == step
+        assert layout(state) == THIRTY_TWO_BIT and state["step"] == step
         assert_bits_equal(flat(p), param, "param")
         assert_bits_equal(flat(state["exp_avg"]), m, "exp_avg")
         assert_bits_equal(flat(state["exp_avg_sq"]), v, "exp_avg_sq")
@@ -519,9 +553,9 @@ def test_set_options_after_first_step_converts_state(opt_class):
     expected = reference_adam_step_8bit(param, flat(p.grad), *reference.quantize_blockwise(m, signed, 256),
                                         *reference.quantize_blockwise(v, unsigned, 256), h[4], signed, unsigned, 256)
     state = opt.state[p]
-    assert set(state) == EIGHT_BIT_KEYS | {"step", "format"}
-    for actual, exp, what in zip((flat(p), flat(state["exp_avg_q"]), state["exp_avg_absmax"].numpy(),
-                                  flat(state["exp_avg_sq_q"]), state["exp_avg_sq_absmax"].numpy()),
+    assert layout(state) == EIGHT_BIT
+    for actual, exp, what in zip((flat(p), flat(state["exp_avg"].indices), state["exp_avg"].absmax.numpy(),
+                                  flat(state["exp_avg_sq"].indices), state["exp_avg_sq"].absmax.numpy()),
                                  expected, ("param", "m_q", "m_absmax", "v_q", "v_absmax")):
         assert_bits_equal(actual, exp, what)
 
@@ -590,7 +624,7 @@ def test_param_groups_with_different_hyperparameters_match_separate_optimizers()
         for opt in separate:
             opt.step()
     assert grouped.param_groups[1]["betas"] == (0.8, 0.95)
-    assert "exp_avg_q" in grouped.state[params[0]] and "exp_avg" in grouped.state[params[2]]
+    assert layout(grouped.state[params[0]]) == EIGHT_BIT and layout(grouped.state[params[2]]) == THIRTY_TWO_BIT
     for p, q in zip(params, separate_params):
         assert torch.equal(p, q)
 
@@ -717,7 +751,7 @@ def nonfinite_setup(skip_nonfinite):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
-    assert "exp_avg_q" in opt.state[params[1]] and "exp_avg" in opt.state[params[0]]
+    assert layout(opt.state[params[1]]) == EIGHT_BIT and layout(opt.state[params[0]]) == THIRTY_TWO_BIT
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     return params, opt
@@ -786,7 +820,9 @@ def test_custom_codes_are_accepted():
     opt = qo.Adam([p], signed_code=linear_code(8, True), unsigned_code=linear_code(8, False))
     p.grad = torch.randn(5000)
     opt.step()
-    assert opt.state[p]["format"] == (8, 256, "linear8-signed", "linear8-unsigned")
+    state = opt.state[p]
+    assert (state["exp_avg"].code.name, state["exp_avg_sq"].code.name) == ("linear8-signed", "linear8-unsigned")
+    assert state["exp_avg"].block_size == state["exp_avg_sq"].block_size == 256
 
 
 def test_sparse_gradient_raises():

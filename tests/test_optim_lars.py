@@ -57,7 +57,7 @@ def test_8bit_steps_are_the_reference_steps():
         hyper = reference.lars_hyperparameters(0.3, 0.9, 1e-4, ratio)
         param, states = reference.step_8bit(reference.sgd_update, param, g.numpy(), states, [code], 256, hyper)
         np.testing.assert_array_equal(p.detach().numpy().view(np.uint32), param.view(np.uint32))
-        np.testing.assert_array_equal(opt.state[p]["momentum_buffer_q"].numpy(), states[0][0])
+        np.testing.assert_array_equal(opt.state[p]["momentum_buffer"].indices.numpy(), states[0][0])
 
 
 def test_trust_ratio_scales_the_first_step_with_8bit_state_too():

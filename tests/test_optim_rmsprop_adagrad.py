@@ -25,9 +25,8 @@ from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
 from test_optim_adam import (assert_8bit_trains_like_32bit, assert_same_parameters_and_states,  # noqa: E402
-                             assert_bits_equal, checkpoint_model,
-                             checkpoint_steps, flat, relative_deviation, run_fixed_gradients, spread,
-                             ulps_apart)
+                             assert_bits_equal, checkpoint_model, checkpoint_steps, dequantized, flat, layout,
+                             relative_deviation, run_fixed_gradients, spread, ulps_apart)
 from test_optim_kernels import SIGNED_CODES, UNSIGNED_CODES  # noqa: E402
 from test_optim_kernels import spread as spread_np  # noqa: E402
 from test_optim_sgd_lion import block_sizes, check_step_8bit, check_step_32bit, run_single_tensor  # noqa: E402
@@ -232,16 +231,14 @@ def test_8bit_centred_rmsprop_stays_finite_when_the_quantized_variance_is_negati
         p.grad = grad.clone()
         opt.step()
         state = opt.state[p]
-        square_avg = reference.dequantize_blockwise(state["square_avg_q"].numpy(), state["square_avg_absmax"].numpy(),
-                                                    unsigned, 256)
-        grad_avg = reference.dequantize_blockwise(state["grad_avg_q"].numpy(), state["grad_avg_absmax"].numpy(),
-                                                  signed, 256)
+        assert (state["square_avg"].code, state["grad_avg"].code) == (unsigned, signed)
+        square_avg, grad_avg = dequantized(state["square_avg"]), dequantized(state["grad_avg"])
         assert torch.isfinite(p).all()
         assert np.all(np.isfinite(square_avg)) and np.all(np.isfinite(grad_avg))
         most_negative = max(most_negative, int(np.sum(square_avg - grad_avg * grad_avg < 0)))
     print(f"8-bit centred RMSprop, constant gradients: up to {most_negative} of {n} elements with a negative "
           f"quantized variance, parameters finite (max |p| {p.abs().max().item():.3g})")
-    assert state["format"][0] == 8
+    assert layout(state) == {"square_avg": 8, "grad_avg": 8}
     assert most_negative > 0.05 * n  # the case really arises
 
 
@@ -270,11 +267,11 @@ def one_step(opt_class, p, states, grad, step, is_torch, **options):
     p = torch.nn.Parameter(p.clone())
     opt = opt_class([p], foreach=False, **options) if is_torch else opt_class([p], state_bits=32, **options)
     if states is not None:
-        counter = dict(step=torch.tensor(float(step - 1))) if is_torch else dict(step=step - 1, format=(32,))
+        counter = dict(step=torch.tensor(float(step - 1))) if is_torch else dict(step=step - 1)
         opt.state[p].update(**counter, **{k: v.clone() for k, v in states.items()})
     p.grad = grad.clone()
     opt.step()
-    return p.detach(), {k: v for k, v in opt.state[p].items() if k not in ("step", "format")}
+    return p.detach(), {k: v for k, v in opt.state[p].items() if k != "step"}
 
 
 def largest_term(name, options, p, grad, prev, new_states):
@@ -399,8 +396,10 @@ def test_8bit_deviates_little_from_32bit(opt_class, options, bound, ratio):
     _, p8, opt8, _ = run_single_tensor(lambda ps: opt_class(ps, **options), n, 20, seed=0)
     _, p8_signed, opt8_signed, _ = run_single_tensor(
         lambda ps: opt_class(ps, unsigned_code=dynamic_code(True), **options), n, 20, seed=0)
-    assert next(iter(opt8.state.values()))["format"] == (8, 256, "dynamic8-signed", "dynamic8-unsigned")
-    assert next(iter(opt8_signed.state.values()))["format"] == (8, 256, "dynamic8-signed", "dynamic8-signed")
+    for opt, code in ((opt8, "dynamic8-unsigned"), (opt8_signed, "dynamic8-signed")):
+        state = next(iter(opt.state.values()))
+        squares = state["square_avg" if opt_class is qo.RMSprop else "sum"]
+        assert (squares.code.name, squares.block_size) == (code, 256)
     deviation = relative_deviation(p8 - p0, p32 - p0)
     signed_deviation = relative_deviation(p8_signed - p0, p32 - p0)
     print(f"8-bit {opt_class.__name__} {options}: relative deviation from 32-bit {deviation:.4e} "
@@ -487,14 +486,14 @@ def test_rmsprop_states_are_named_like_torchs(mode):
     torch_opt.step()
     torch_names = set(torch_opt.state[theirs]) - {"step"}
     assert torch_names == set(names)
-    assert set(opt.state[small]) == torch_names | {"step", "format"}
+    assert layout(opt.state[small]) == dict.fromkeys(torch_names, 32)
     assert all(opt.state[small][k].dtype == torch.float32 and opt.state[small][k].shape == small.shape
                for k in names)
-    assert set(opt.state[big]) == {f"{k}_{s}" for k in names for s in ("q", "absmax")} | {"step", "format"}
+    assert layout(opt.state[big]) == dict.fromkeys(torch_names, 8)
     for k in names:
-        assert opt.state[big][f"{k}_q"].dtype == torch.uint8 and opt.state[big][f"{k}_q"].shape == big.shape
-        assert opt.state[big][f"{k}_absmax"].dtype == torch.float32
-        assert opt.state[big][f"{k}_absmax"].shape == (5000 // 128 + 1,)
+        assert opt.state[big][k].indices.dtype == torch.uint8 and opt.state[big][k].indices.shape == big.shape
+        assert opt.state[big][k].absmax.dtype == torch.float32 and opt.state[big][k].block_size == 128
+        assert opt.state[big][k].absmax.shape == (5000 // 128 + 1,)
 
 
 @pytest.mark.parametrize("codes", [
@@ -540,11 +539,11 @@ def test_8bit_steps_are_the_reference_steps(opt_class, options, names, block_siz
         param, quantized = reference.step_8bit(update, param, flat(p.grad), quantized, state_codes, block_size, hyper)
         state = opt.state[p]
         assert state["step"] == step
-        assert state["format"] == (8, block_size, signed.name, unsigned.name)
         assert_bits_equal(flat(p), param, "param")
-        for name, (q, absmax) in zip(names, quantized):
-            assert_bits_equal(flat(state[f"{name}_q"]), q.reshape(-1), f"{name}_q")
-            assert_bits_equal(state[f"{name}_absmax"].numpy(), absmax, f"{name}_absmax")
+        for name, (q, absmax), code in zip(names, quantized, state_codes):
+            assert (state[name].code, state[name].block_size) == (code, block_size)
+            assert_bits_equal(flat(state[name].indices), q.reshape(-1), f"{name} indices")
+            assert_bits_equal(state[name].absmax.numpy(), absmax, f"{name} absmax")
     assert not np.array_equal(reference.quantize_blockwise(squares, signed, block_size)[0], quantized[0][0])
 
 
@@ -574,12 +573,11 @@ def test_adagrad_starts_from_initial_accumulator_value(state_bits, weight_decay)
             assert_bits_equal(flat(state["sum"]), expected_sum, "sum")
         else:
             q, absmax = reference.quantize_blockwise(expected_sum, dynamic_code(False), 256)
-            assert_bits_equal(flat(state["sum_q"]), q, "sum_q")
-            assert_bits_equal(state["sum_absmax"].numpy(), absmax, "sum_absmax")
+            assert_bits_equal(flat(state["sum"].indices), q, "sum indices")
+            assert_bits_equal(state["sum"].absmax.numpy(), absmax, "sum absmax")
     if weight_decay == 0:
         assert torch.equal(still, still0)
-        stored = (opt.state[still]["sum"] if state_bits == 32 else torch.from_numpy(reference.dequantize_blockwise(
-            opt.state[still]["sum_q"].numpy(), opt.state[still]["sum_absmax"].numpy(), dynamic_code(False), 256)))
+        stored = opt.state[still]["sum"] if state_bits == 32 else torch.from_numpy(dequantized(opt.state[still]["sum"]))
         assert torch.equal(stored, torch.full((5000,), init))
     else:
         assert (still != still0).float().mean() > 0.99
@@ -615,9 +613,12 @@ def test_rmsprop_checkpoint_with_two_codes_continues_exactly(mode):
     opt_b.load_state_dict(saved["optimizer"])
     checkpoint_steps(model_b, opt_b, 10, start=10)
 
-    eight_bit = [p for p in model.parameters() if "square_avg_q" in opt.state[p]]
+    names = MODES[mode][1]
+    eight_bit = [p for p in model.parameters() if layout(opt.state[p]) == dict.fromkeys(names, 8)]
     assert len(eight_bit) == 1
-    assert opt.state[eight_bit[0]]["format"] == (8, 128, "dynamic8-symmetric", "linear8-unsigned")
+    state = opt.state[eight_bit[0]]
+    assert [state[name].code.name for name in names] == ["linear8-unsigned"] + ["dynamic8-symmetric"] * (len(names) - 1)
+    assert all(state[name].block_size == 128 for name in names)
     assert opt_b.param_groups[0]["unsigned_code"].name == "linear8-unsigned"
     assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
@@ -671,7 +672,7 @@ def test_adagrad_initial_accumulator_survives_a_checkpoint():
     assert opt_b.param_groups[0]["initial_accumulator_value"] == 0.5
     adagrad_checkpoint_steps(model_b, late_b, opt_b, 10, start=10)
 
-    assert opt.state[late]["format"][0] == 8 and opt.state[late]["step"] == 8
+    assert layout(opt.state[late]) == {"sum": 8} and opt.state[late]["step"] == 8
     params = [*model.parameters(), late]
     assert_same_parameters_and_states(params, opt, [*model_b.parameters(), late_b], opt_b)
     assert not torch.equal(late, late_zero)

@@ -24,8 +24,8 @@ from quantlab.kernels import cpu, scalar
 from quantlab.kernels.lookup import search_tables
 
 from test_optim_adam import (assert_8bit_trains_like_32bit, assert_same_parameters_and_states,  # noqa: E402
-                             assert_bits_equal, assert_same_snapshot,
-                             checkpoint_model, checkpoint_steps, flat, relative_deviation,
+                             assert_bits_equal, assert_same_snapshot, assert_states_equal, clone_state,
+                             checkpoint_model, checkpoint_steps, dequantized, flat, layout, relative_deviation,
                              run_fixed_gradients, snapshot, ulps_apart)
 from test_optim_kernels import SIGNED_CODES  # noqa: E402
 from test_optim_kernels import spread as spread_np  # noqa: E402
@@ -192,7 +192,7 @@ def quantlab_sgd_step(p, buf, grad, step, lr, **options):
     p = torch.nn.Parameter(p.clone())
     opt = qo.SGD([p], lr=lr, state_bits=32, **options)
     if step > 1:
-        opt.state[p].update(step=step - 1, format=(32,))
+        opt.state[p]["step"] = step - 1
     if buf is not None:
         opt.state[p]["momentum_buffer"] = buf.clone()
     p.grad = grad.clone()
@@ -230,7 +230,7 @@ def test_sgd_single_steps_within_one_ulp_of_torch(options):
         worst[step] = ulps.max().item()
         message += f" step {step}: max {worst[step]} ulp ({int((ulps > 0).sum())} of {n} differ)"
         if momentum == 0:
-            assert set(state) == {"step", "format"} and buf_torch is None
+            assert layout(state) == {} and buf_torch is None
         elif wd == 0 and (step == 1 or buffer_exact(options)):
             assert torch.equal(buf_ours, buf_torch)
             if step == 1:
@@ -291,7 +291,7 @@ def test_sgd_100_steps_track_torch(options):
     message = (f"100 steps, SGD {options}: |dp - dp_torch| / |dp_torch| = {deviation:.3e} "
                f"(|dp_torch| {delta_torch.norm():.2f})")
     if options["momentum"] == 0:
-        assert all(set(ours_opt.state[p]) == {"step", "format"} for p in ours_p)
+        assert all(layout(ours_opt.state[p]) == {} for p in ours_p)
         assert all(ours_opt.state[p]["step"] == 100 for p in ours_p)
     else:
         a = torch.cat([ours_opt.state[p]["momentum_buffer"].flatten() for p in ours_p])
@@ -336,8 +336,7 @@ def eight_bit_deviations(fp32, ours, bnb_factory, n, steps, seed, zero_fraction=
     _, p_bnb, bnb_opt, _ = run_single_tensor(bnb_factory, n, steps, seed, zero_fraction)
     ours_state = next(iter(ours_opt.state.values()))
     bnb_state = next(iter(bnb_opt.state.values()))
-    assert ours_state["format"][0] == 8 and ours_opt.param_groups[0]["min_8bit_size"] <= n
-    assert next(v for k, v in ours_state.items() if k.endswith("_q")).dtype == torch.uint8
+    assert set(layout(ours_state).values()) == {8} and ours_opt.param_groups[0]["min_8bit_size"] <= n
     assert bnb_opt.args.min_8bit_size == BNB_MIN_8BIT_SIZE <= n
     assert bnb_state["state1"].dtype == torch.uint8 and bnb_state["absmax1"].numel() == math.ceil(n / 256)
     delta = p_fp32 - p0
@@ -476,10 +475,11 @@ def test_lion_first_step_is_decay_and_sign_of_the_gradient(state_bits, lr, betas
     if state_bits == 32:
         assert torch.equal(opt.state[p]["exp_avg"], exp_avg)  # == (+0.0 equals -0.0)
     else:
-        assert opt.state[p]["format"] == (8, 256, "dynamic8-signed", "dynamic8-unsigned")
+        state = opt.state[p]["exp_avg"]
+        assert (state.code, state.block_size) == (dynamic_code(True), 256)
         q, absmax = reference.quantize_blockwise(exp_avg.numpy(), dynamic_code(True), 256)
-        assert_bits_equal(flat(opt.state[p]["exp_avg_q"]), q, "exp_avg_q")
-        assert_bits_equal(opt.state[p]["exp_avg_absmax"].numpy(), absmax, "exp_avg_absmax")
+        assert_bits_equal(flat(state.indices), q, "exp_avg indices")
+        assert_bits_equal(state.absmax.numpy(), absmax, "exp_avg absmax")
 
 
 @pytest.mark.parametrize("state_bits", [32, 8])
@@ -506,9 +506,8 @@ def test_lion_zero_gradient_and_zero_state_parameters_only_decay(state_bits, wei
     if state_bits == 32:
         exp_avg = state["exp_avg"]
     else:
-        assert state["format"][0] == 8
-        exp_avg = torch.from_numpy(reference.dequantize_blockwise(
-            state["exp_avg_q"].numpy(), state["exp_avg_absmax"].numpy(), dynamic_code(True), state["format"][1]))
+        assert layout(state) == {"exp_avg": 8} and state["exp_avg"].code == dynamic_code(True)
+        exp_avg = torch.from_numpy(dequantized(state["exp_avg"]))
     assert torch.equal(exp_avg[still], torch.zeros(int(still.sum())))
     assert (exp_avg[~still] != 0).float().mean() > 0.99
     assert torch.equal(p[still], expected[still])
@@ -572,9 +571,9 @@ def test_set_options_momentum_override_equals_param_group():
         assert torch.equal(a, b)
     assert torch.equal(overridden[0], plain[0])
     assert not torch.equal(overridden[1], plain[1]) and not torch.equal(overridden[2], plain[2])
-    assert "momentum_buffer_q" in opt.state[params[0]]
-    assert "momentum_buffer" in opt.state[params[1]]  # 300 elements: below min_8bit_size
-    assert set(opt.state[params[2]]) == {"step", "format"}
+    assert layout(opt.state[params[0]]) == {"momentum_buffer": 8}
+    assert layout(opt.state[params[1]]) == {"momentum_buffer": 32}  # 300 elements: below min_8bit_size
+    assert layout(opt.state[params[2]]) == {}
 
 
 def test_momentum_set_later_starts_switches_off_and_resumes_like_torch():
@@ -615,7 +614,7 @@ def test_momentum_set_later_with_8bit_state():
     opt = qo.SGD([p], lr=lr)
     p.grad = grads[0]
     opt.step()
-    assert set(opt.state[p]) == {"step", "format"}
+    assert layout(opt.state[p]) == {}
 
     qo.set_options(p, momentum=0.9)
     fresh = torch.nn.Parameter(p.detach().clone())
@@ -624,33 +623,33 @@ def test_momentum_set_later_with_8bit_state():
     opt.step()
     fresh_opt.step()
     assert torch.equal(p, fresh)
-    for key in ("momentum_buffer_q", "momentum_buffer_absmax", "format", "step"):
-        a, b = opt.state[p][key], fresh_opt.state[fresh][key]
-        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), key
+    assert set(opt.state[p]) == set(fresh_opt.state[fresh]) == {"momentum_buffer", "step"}
+    for key in ("momentum_buffer", "step"):
+        assert_states_equal(opt.state[p][key], fresh_opt.state[fresh][key], key)
 
     qo.set_options(p, momentum=0.0)
-    kept = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    kept = {k: clone_state(v) for k, v in opt.state[p].items() if k != "step"}
     before = p.detach().clone()
     p.grad = grads[2]
     opt.step()
     for k, v in kept.items():
-        assert torch.equal(opt.state[p][k], v), k
-    assert opt.state[p]["format"][0] == 8
+        assert_states_equal(opt.state[p][k], v, k)
+    assert layout(opt.state[p]) == {"momentum_buffer": 8}
     assert_bits_equal(flat(p), (before - torch.tensor(lr, dtype=torch.float32) * grads[2]).numpy(), "plain step")
 
     qo.set_options(p, momentum=0.9)
     code = dynamic_code(True)
     step = opt.state[p]["step"] + 1
     expected_p, [(expected_q, expected_absmax)] = reference.step_8bit(
-        reference.sgd_update, flat(p).copy(), grads[3].numpy(), [(kept["momentum_buffer_q"].numpy(),
-                                                                 kept["momentum_buffer_absmax"].numpy())],
+        reference.sgd_update, flat(p).copy(), grads[3].numpy(), [(kept["momentum_buffer"].indices.numpy(),
+                                                                 kept["momentum_buffer"].absmax.numpy())],
         [code], 256, reference.sgd_hyperparameters(lr, 0.9, 0.0, 0.0, False, step))
     p.grad = grads[3]
     opt.step()
     assert step > 1 and opt.state[p]["step"] == step
     assert_bits_equal(flat(p), expected_p, "param")
-    assert_bits_equal(flat(opt.state[p]["momentum_buffer_q"]), expected_q.reshape(-1), "q")
-    assert_bits_equal(opt.state[p]["momentum_buffer_absmax"].numpy(), expected_absmax, "absmax")
+    assert_bits_equal(flat(opt.state[p]["momentum_buffer"].indices), expected_q.reshape(-1), "indices")
+    assert_bits_equal(opt.state[p]["momentum_buffer"].absmax.numpy(), expected_absmax, "absmax")
 
 
 @pytest.mark.parametrize("make", [
@@ -714,8 +713,8 @@ def test_state_dict_round_trip_continues_exactly(make, state_key):
     opt_b.load_state_dict(saved["optimizer"])
     checkpoint_steps(model_b, opt_b, 10, start=10)
 
-    assert sum(f"{state_key}_q" in opt.state[p] for p in model.parameters()) == 1
-    assert sum(state_key in opt.state[p] for p in model.parameters()) == 3
+    assert sum(layout(opt.state[p]) == {state_key: 8} for p in model.parameters()) == 1
+    assert sum(layout(opt.state[p]) == {state_key: 32} for p in model.parameters()) == 3
     assert_same_parameters_and_states(model.parameters(), opt, model_b.parameters(), opt_b)
 
 

@@ -2,13 +2,21 @@
 (momentum, dampening, Nesterov), Lion, RMSprop, Adagrad, LARS and LAMB, for float32, float16 and
 bfloat16 parameters on the CPU or a CUDA device.
 """
+import torch
+
+from ..codes import Code
 from .adam import Adam, AdamW
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
-from .optimizer import BlockwiseOptimizer, codes_as_data, codes_as_objects, set_options
+from .optimizer import BlockwiseOptimizer, set_options
 from .rmsprop import Adagrad, RMSprop
 from .sgd import SGD
+from .state import QuantizedState, state_bytes
+
+# a quantlab state dict holds Codes (in its param groups) and QuantizedStates: let torch's default
+# weights-only unpickler rebuild them (each pickles as tensors and plain values only)
+torch.serialization.add_safe_globals([Code, QuantizedState])
 
 __all__ = ["Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "LARS", "LAMB", "BlockwiseOptimizer", "set_options",
-           "codes_as_data", "codes_as_objects"]
+           "QuantizedState", "state_bytes"]

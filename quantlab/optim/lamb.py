@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .. import reference
-from .optimizer import (BlockwiseOptimizer, check_betas, check_nonnegative, float32_chunks, is_dtensor, kernel_array,
-                        kernels_for)
+from .bridge import float32_chunks, is_dtensor, kernel_array, kernels_for
+from .optimizer import BlockwiseOptimizer, check_betas, check_nonnegative
+from .state import QuantizedState
 
 
 class LAMB(BlockwiseOptimizer):
@@ -37,14 +38,13 @@ class LAMB(BlockwiseOptimizer):
 
     def _run_kernels(self, p, state, options, specs, hyper):
         kernels, block_size = kernels_for(p), options["block_size"]
-        eight_bit = state["format"][0] == 8
+        eight_bit = isinstance(state["exp_avg"], QuantizedState)
         partial = torch.zeros((reference.num_blocks(p.numel(), block_size), 2), dtype=torch.float64, device=p.device)
 
         def moments(start, end):
             if not eight_bit:
                 return [kernel_array(state[name])[start:end] for name in ("exp_avg", "exp_avg_sq")]
-            return [self._kernel_state(state, name, self._code(options, signed), start, end, block_size)
-                    for name, signed in specs]
+            return [state[name].kernel_args(start, end) for name in ("exp_avg", "exp_avg_sq")]
 
         for start, end, param, grad in float32_chunks(p, block_size):
             m, v = moments(start, end)

@@ -10,7 +10,8 @@ import torch
 
 from .. import reference
 from ..kernels import scalar
-from .optimizer import BlockwiseOptimizer, check_nonnegative, is_dtensor
+from .bridge import is_dtensor
+from .optimizer import BlockwiseOptimizer, check_nonnegative
 
 
 def norm(t: torch.Tensor) -> float:

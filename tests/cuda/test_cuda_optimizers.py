@@ -59,8 +59,14 @@ def assert_same(net_a, opt_a, net_b, opt_b):
         sa, sb = opt_a.state[a], opt_b.state[b]
         assert sa.keys() == sb.keys()
         for key, value in sa.items():
-            if torch.is_tensor(value):
-                assert value.dtype == sb[key].dtype and torch.equal(value.cpu(), sb[key].cpu()), key
+            other = sb[key]
+            if isinstance(value, qo.QuantizedState):
+                assert (value.code, value.block_size) == (other.code, other.block_size), key
+                pairs = [(value.indices, other.indices), (value.absmax, other.absmax)]
+            else:
+                pairs = [(value, other)] if torch.is_tensor(value) else []
+            for x, y in pairs:
+                assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()), key
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,7 +78,8 @@ def test_gpu_steps_equal_cpu_steps(name, state_bits, dtype):
     for net, opt in zip(nets, opts):
         train(net, opt, 5, seed=1)
     assert_same(nets[0], opts[0], nets[1], opts[1])
-    assert all(v.is_cuda for p in nets[1].parameters() for v in opts[1].state[p].values() if torch.is_tensor(v))
+    assert all((v.indices if isinstance(v, qo.QuantizedState) else v).is_cuda
+               for p in nets[1].parameters() for v in opts[1].state[p].values() if not isinstance(v, int))
 
 
 @pytest.mark.parametrize("source, target", [("cpu", "cuda"), ("cuda", "cpu")])

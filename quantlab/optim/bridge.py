@@ -1,0 +1,134 @@
+"""The torch <-> kernel bridge: what the Numba kernels are handed for a parameter, its gradient and
+its states, on the CPU or CUDA, whole or in float32 chunks, plain or sharded by FSDP2.
+
+CPU float32 tensors are handed to the CPU kernels as zero-copy NumPy views; CUDA tensors go to the
+CUDA kernels as they are (through ``__cuda_array_interface__``), launched on torch's current stream.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+
+from .. import kernels
+from ..kernels import cpu
+from ..kernels.scalar import INF_BITS
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float16/bfloat16 parameters are stepped in float32 chunks of this many elements (rounded to whole
+# blocks): the extra memory of a step is bounded by a chunk, not by the parameter.
+CHUNK_ELEMENTS = 1 << 18
+STEP_KERNELS = ("step_32bit", "step_8bit", "lamb_norms_32bit", "lamb_norms_8bit", "lamb_apply_32bit", "lamb_apply_8bit")
+
+
+def check_param(param: torch.Tensor) -> None:
+    """What the kernels take: dense, contiguous float32/float16/bfloat16 parameters on the CPU or
+    a CUDA device, with a gradient of the same dtype and device."""
+    if param.grad.is_sparse:
+        raise RuntimeError("quantlab optimizers do not support sparse gradients")
+    if param.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"quantlab optimizers run on the CPU and CUDA, got {param.device}")
+    if param.dtype not in PARAM_DTYPES:
+        raise NotImplementedError(f"quantlab optimizers take float32, float16 or bfloat16 parameters, got {param.dtype}")
+    if (param.grad.dtype, param.grad.device) != (param.dtype, param.device):
+        raise ValueError(f"a gradient must have its parameter's dtype and device: parameter {param.dtype} on "
+                         f"{param.device}, gradient {param.grad.dtype} on {param.grad.device}")
+    if not param.is_contiguous():
+        raise ValueError("quantlab optimizers take contiguous parameters")
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (FSDP2's parameters). Looked up in sys.modules so
+    that quantlab does not import torch.distributed.tensor (over a second), which any DTensor has."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """What a rank steps of a DTensor parameter: its local shard, a plain tensor sharing the
+    parameter's memory, with the local shard of the gradient as ``.grad``. Any other tensor: itself."""
+    if not is_dtensor(p):
+        return p
+    if any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"a DTensor parameter must be sharded or replicated, got placements {p.placements}")
+    if p.grad is not None and p.grad.placements != p.placements:
+        raise ValueError(f"a DTensor gradient must be placed as its parameter ({p.placements}), "
+                         f"got {p.grad.placements}: reduce it first")
+    shard = p.detach().to_local()
+    shard.grad = None if p.grad is None else p.grad.detach().to_local()
+    return shard
+
+
+def finite_on_every_rank(finite: bool, params) -> bool:
+    """A rank sees only its shards' gradients, but all must skip (or raise on) the same steps: for
+    DTensor parameters the verdict is all-reduced (min) over each device mesh, in parameter order."""
+    meshes = dict.fromkeys(p.device_mesh for p in params if is_dtensor(p))
+    for mesh in meshes:
+        verdict = torch.tensor([int(finite)], device=mesh.device_type)
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(dim))
+        finite = bool(verdict)
+    return finite
+
+
+def kernels_for(t: torch.Tensor):
+    """The step kernels for a tensor's device: kernels.cpu, or kernels.cuda's launched on torch's
+    current stream (numba.cuda is imported only for CUDA tensors)."""
+    if t.device.type != "cuda":
+        return cpu
+    from ..kernels import cuda
+
+    with torch.cuda.device(t.device):
+        stream = kernels._cuda_stream()
+    return SimpleNamespace(**{name: partial(getattr(cuda, name), stream=stream) for name in STEP_KERNELS})
+
+
+def kernel_array(t: torch.Tensor):
+    """What the kernels take for a contiguous tensor: its flat zero-copy NumPy view on the CPU, the
+    flat tensor itself on CUDA (passed by __cuda_array_interface__)."""
+    if not t.is_contiguous():
+        raise ValueError("quantlab optimizer states and parameters must be contiguous")
+    flat = t.detach().view(-1)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def float32_chunks(p: torch.Tensor, align: int):
+    """(start, end, param, grad): float32 kernel arrays over p's flat elements [start, end).
+
+    A float32 parameter is one chunk of zero-copy views. A float16/bfloat16 one comes in chunks
+    of whole ``align``-element blocks, converted to float32 temporaries; each parameter chunk is
+    written back (rounded to nearest even, as torch's ``copy_``) when the caller asks for the next.
+    """
+    grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+    if p.dtype == torch.float32:
+        yield 0, p.numel(), kernel_array(p), kernel_array(grad)
+        return
+    flat_param, flat_grad = p.detach().view(-1), grad.detach().view(-1)
+    chunk = max(align, CHUNK_ELEMENTS // align * align)
+    for start in range(0, flat_param.numel(), chunk):
+        end = min(start + chunk, flat_param.numel())
+        param32 = flat_param[start:end].float()
+        yield start, end, kernel_array(param32), kernel_array(flat_grad[start:end].float())
+        flat_param[start:end].copy_(param32)
+
+
+def gradients_finite(params) -> bool:
+    """CPU float32 gradients: one integer-max pass each (see kernels.cpu.largest_magnitude_bits);
+    CUDA: torch.isfinite (one synchronisation); CPU 16-bit: torch.isfinite by chunks, so that the
+    check's temporaries stay chunk-sized."""
+    for p in params:
+        g = p.grad.detach()
+        if g.is_cuda:
+            finite = bool(torch.isfinite(g).all())
+        elif g.dtype != torch.float32:
+            flat = g.reshape(-1)
+            finite = all(bool(torch.isfinite(flat[i:i + CHUNK_ELEMENTS]).all())
+                         for i in range(0, flat.numel(), CHUNK_ELEMENTS))
+        else:
+            g = g if g.is_contiguous() else g.contiguous()
+            finite = cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) < INF_BITS
+        if not finite:
+            return False
+    return True

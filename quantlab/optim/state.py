@@ -1,0 +1,126 @@
+"""How a quantlab optimizer keeps one state of one parameter.
+
+A state is a float32 tensor shaped like its parameter (32-bit state), or a :class:`QuantizedState`:
+the paper's block-wise 8-bit format, ``code.values[indices] * absmax[block]``. In
+``optimizer.state[param]`` each state sits under torch's name for it (``exp_avg``,
+``momentum_buffer``, ...) beside the step count ``step``, whichever format it has.
+
+Both are saved as they are. A QuantizedState pickles as its two tensors, its Code (plain floats,
+a name and a bit count) and its block size; ``quantlab.optim`` registers both classes with
+``torch.serialization.add_safe_globals``, so ``torch.load(weights_only=True)`` (torch's default)
+reads a quantlab state dict, and ZeroRedundancyOptimizer, which moves states between ranks
+without calling the optimizer, needs nothing converted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels, reference
+from ..codes import Code
+from ..kernels.lookup import search_tables
+from .bridge import kernel_array
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedState:
+    """One state quantized block-wise: element i is ``code.values[indices[i]] * absmax[i // block_size]``
+    (i over the flattened tensor). The kernels update ``indices`` and ``absmax`` in place."""
+
+    indices: torch.Tensor  # uint8, shaped like the parameter
+    absmax: torch.Tensor  # float32 [number of blocks]
+    code: Code
+    block_size: int
+
+    def __post_init__(self):
+        if not isinstance(self.code, Code):
+            raise TypeError(f"a quantized state's code must be a quantlab Code, got {type(self.code).__name__}")
+        reference.check_block_size(self.block_size)
+        if not torch.is_tensor(self.indices) or self.indices.dtype != torch.uint8:
+            raise TypeError(f"a quantized state's indices must be a uint8 tensor, got {_describe(self.indices)}")
+        if not torch.is_tensor(self.absmax) or self.absmax.dtype != torch.float32 or self.absmax.dim() != 1:
+            raise TypeError(f"a quantized state's absmax must be a 1-D float32 tensor, got {_describe(self.absmax)}")
+        blocks = reference.num_blocks(self.indices.numel(), self.block_size)
+        if self.absmax.numel() != blocks:
+            raise ValueError(f"a quantized state of {self.indices.numel()} elements in blocks of {self.block_size} "
+                             f"needs {blocks} absmax values, got {self.absmax.numel()}")
+        if self.indices.device != self.absmax.device:
+            raise ValueError(f"a quantized state's indices ({self.indices.device}) and absmax ({self.absmax.device}) "
+                             f"must be on one device")
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, code: Code, block_size: int) -> QuantizedState:
+        """x (float32, any shape) quantized with nearest rounding."""
+        indices, absmax = kernels.quantize_blockwise(x.detach().contiguous().view(-1), code, block_size)
+        return cls(indices.view(x.shape), absmax, code, block_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """The state's float32 values, shaped like ``indices``."""
+        values = kernels.dequantize_blockwise(self.indices.reshape(-1), self.absmax, self.code, self.block_size)
+        return values.view(self.indices.shape)
+
+    def to(self, device) -> QuantizedState:
+        if self.indices.device == torch.device(device):
+            return self
+        return QuantizedState(self.indices.to(device), self.absmax.to(device), self.code, self.block_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.indices.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.numel() + 4 * self.absmax.numel()
+
+    def kernel_args(self, start: int, end: int) -> tuple:
+        """What the 8-bit kernels take for elements [start, end) (whole blocks): indices, absmax,
+        code values, search table, zero index."""
+        blocks = slice(start // self.block_size, reference.num_blocks(end, self.block_size))
+        return (kernel_array(self.indices)[start:end], kernel_array(self.absmax)[blocks], self.code.values,
+                search_tables(self.code)[0].args(), self.code.zero_index)
+
+    def __reduce__(self):
+        return QuantizedState, (self.indices, self.absmax, self.code, self.block_size)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedState({self.code.name}, blocks of {self.block_size}, shape {tuple(self.shape)}, "
+                f"{self.indices.device})")
+
+
+def _describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def as_float(state) -> torch.Tensor:
+    """A state's float32 values, whatever its format."""
+    return state.dequantize() if isinstance(state, QuantizedState) else state
+
+
+def state_tensors(state: dict):
+    """Every plain tensor an optimizer keeps for a parameter: a QuantizedState's two, and those a
+    tensor subclass is made of (torchao's 8-bit states)."""
+    def parts(t):
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                yield from parts(getattr(t, name))
+        else:
+            yield t
+
+    for value in state.values():
+        if isinstance(value, QuantizedState):
+            yield from (value.indices, value.absmax)
+        elif torch.is_tensor(value):
+            yield from parts(value)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state``, each storage counted once: the optimizer's
+    memory for its states (any torch optimizer: quantlab's, torch's, bitsandbytes')."""
+    storages = {}
+    for state in optimizer.state.values():
+        for tensor in state_tensors(state):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
