@@ -21,7 +21,7 @@ demo: install-demo
 	$(PYTHON) -m experiments demo --out results/demo
 
 quantization-report: install-demo
-	$(PYTHON) -m experiments.quantization_report --out results/quantization_report
+	$(PYTHON) -m experiments.studies.quantization_report --out results/quantization_report
 
 test: install-dev
 	$(PYTHON) -m pytest -q
@@ -30,8 +30,8 @@ test-slow: install-dev
 	$(PYTHON) -m pytest -q -m slow
 
 bench: install-dev
-	$(PYTHON) -m experiments.bench_quantize --out results/bench_quantize
-	$(PYTHON) -m experiments.bench_optim --out results/bench_optim
+	$(PYTHON) -m experiments.bench.quantize --out results/bench_quantize
+	$(PYTHON) -m experiments.bench.optim --out results/bench_optim
 
 # every figure and table under paper_figs/out/, from the recorded results in paper_figs/results/
 figures: install-demo
@@ -40,7 +40,7 @@ figures: install-demo
 # issue 6's recorded experiments (hours on 2 cores; resumable), filed under paper_figs/results/
 SSL_PROTOCOLS = five-methods medical-mae pass
 ssl-protocols: install-demo
-	for protocol in $(SSL_PROTOCOLS); do $(PYTHON) -m experiments.protocols $$protocol --out results/ssl || exit 1; done
+	for protocol in $(SSL_PROTOCOLS); do $(PYTHON) -m experiments.studies.protocols $$protocol --out results/ssl || exit 1; done
 	$(PYTHON) -m paper_figs.record_ssl $(foreach protocol,$(SSL_PROTOCOLS),results/ssl/$(protocol)/record.json)
 
 record-code-error: install-demo
@@ -50,7 +50,7 @@ notebooks: install-dev
 	$(PYTHON) -m pytest -q notebooks
 
 gpu-check: install-dev
-	bash experiments/gpu_check.sh
+	bash experiments/bench/gpu_check.sh
 
 # Numba's cache keys on each kernel's own file: after editing quantlab/kernels/scalar.py, clear it.
 clean-cache:

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def pretrain_config(args):
-    from experiments.config import load_config, parse_override, read_config_file
+    from experiments.engine.config import load_config, parse_override, read_config_file
 
     layers = []
     if args.resume and (args.out / "config.json").exists():
@@ -69,25 +69,25 @@ def pretrain_config(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.command == "pretrain":
-        from experiments.train import pretrain
+        from experiments.engine.run import pretrain
 
         summary = pretrain(pretrain_config(args), args.out, resume=args.resume, progress=not args.quiet,
                            overwrite=args.overwrite)
         print(json.dumps(summary, indent=2))
         return summary
     if args.command == "evaluate":
-        from experiments.train import evaluate_run
+        from experiments.engine.evaluate import evaluate_run
 
         result = evaluate_run(args.run_dir, finetune=args.finetune, dataset=args.dataset)
         print(json.dumps(result, indent=2))
         return result
     if args.command == "compare":
-        from experiments.demo import compare_runs, markdown_table
+        from experiments.studies.compare import compare_runs, markdown_table
 
         rows = compare_runs(args.run_dirs, args.out)
         print(markdown_table(rows))
         return rows
-    from experiments.demo import demo
+    from experiments.studies.demo import demo
 
     return demo(args.out, quick=args.quick)
 

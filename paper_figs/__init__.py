@@ -7,6 +7,6 @@
 Each ``fig_*`` / ``table_*`` module reads JSON from ``paper_figs/results/`` (nothing is measured
 and no number is typed in) and writes PNG and/or Markdown to ``paper_figs/out/``; one whose inputs
 are missing is skipped with a message. Results are recorded by the benchmarks
-(``python -m experiments.bench_quantize`` / ``bench_optim``, copied here) and by the ``record_*``
+(``python -m experiments.bench.quantize`` / ``bench_optim``, copied here) and by the ``record_*``
 modules (``python -m paper_figs.record_code_error``). See paper_figs/README.md.
 """

@@ -39,7 +39,7 @@ def make(results: Path, out: Path) -> list[Path]:
     right.set_yticklabels([])
     right.legend(fontsize=8, loc="lower right")
     env = environments[0] if environments else {}
-    fig.suptitle(f"One Adam step on the CPU ({env.get('cpu', 'CPU')}, {env.get('threads', '?')} threads, "
+    fig.suptitle(f"One Adam step on the CPU ({env.get('cpu', 'CPU')}, {env.get('numba_threads', '?')} threads, "
                  f"torch {env.get('torch', '?')})", fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(out) / "fig_optim_speed.png")]

@@ -1,6 +1,6 @@
 """Figure: block-wise quantization throughput on the CPU against block size, per implementation.
 
-Reads results/bench_quantize_cpu.json (python -m experiments.bench_quantize, its cpu.json copied
+Reads results/bench_quantize_cpu.json (python -m experiments.bench.quantize, its cpu.json copied
 here); writes out/fig_quantize_speed.png and out/fig_quantize_speed.md.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .common import Skip, environment_line, load, pyplot, run_one, save_figure, save_text
 
-RECORD = "python -m experiments.bench_quantize --out results/bench_quantize; cp results/bench_quantize/cpu.json " \
+RECORD = "python -m experiments.bench.quantize --out results/bench_quantize; cp results/bench_quantize/cpu.json " \
          "paper_figs/results/bench_quantize_cpu.json"
 MEASURES = (("quantize_per_s", "quantize"), ("dequantize_per_s", "dequantize"), ("round_trip_per_s", "round trip"))
 
@@ -38,7 +38,7 @@ def make(results: Path, out: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     env = result.get("environment", {})
     fig.suptitle(f"{result.get('n', 0):,} float32 values, dynamic signed map, {env.get('cpu', 'CPU')} "
-                 f"({env.get('threads', '?')} threads); dotted: float32 copy", fontsize=10)
+                 f"({env.get('numba_threads', '?')} threads); dotted: float32 copy", fontsize=10)
     fig.tight_layout()
     png = save_figure(fig, Path(out) / "fig_quantize_speed.png")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from .common import Skip, load
 
 FILES = ("bench_optim_single.json", "bench_optim_models.json")
-RECORD = "python -m experiments.bench_optim --out results/bench_optim, then copy its JSON to paper_figs/results/"
+RECORD = "python -m experiments.bench.optim --out results/bench_optim, then copy its JSON to paper_figs/results/"
 
 
 def load_optim(results: Path) -> tuple[list[dict], dict, list[dict]]:

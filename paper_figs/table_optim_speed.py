@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments import bench_optim
+from experiments.bench import optim as bench_optim
 
 from .common import environment_line, run_one, save_text
 from .optim_results import load_optim

@@ -1,7 +1,7 @@
 """Table: the SSL experiments' results, once recorded.
 
 Reads every results/ssl_*.json; skipped (with a message) while there is none. A protocol's record
-(``python -m experiments.protocols``, filed by ``python -m paper_figs.record_ssl``: "variants", each
+(``python -m experiments.studies.protocols``, filed by ``python -m paper_figs.record_ssl``: "variants", each
 a sweep's rows and command) is one table with the variant beside the method; a sweep's record
 (``python -m experiments.sweep``: "rows" of medians and a "command") is shown as the sweep prints
 it, with the command that reproduces it; any other file is either ``{"rows": [{column: value, ...},
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experiments import sweep
+from experiments.studies import sweep
 
 from .common import Skip, run_one, save_text
 
@@ -30,7 +30,7 @@ def _cell(value) -> str:
 
 
 def protocol_section(name: str, record: dict) -> str:
-    """A protocol's record (experiments/protocols.py): its variants' rows in one table, the variant
+    """A protocol's record (experiments/studies/protocols.py): its variants' rows in one table, the variant
     named beside the method; then the command of each variant's sweep."""
     rows = [{**row, "method": f"{row['method']} ({variant['label']})" if len(record["variants"]) > 1 else row["method"]}
             for variant in record["variants"] for row in variant["rows"]]

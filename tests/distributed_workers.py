@@ -17,7 +17,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import quantlab.optim as qo
-from experiments.bench_distributed import init_gloo
+from experiments.bench.distributed import init_gloo
 from quantlab.optim.bridge import is_dtensor
 
 WORLD_SIZE = 2

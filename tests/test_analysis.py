@@ -29,7 +29,7 @@ def test_sample_data_is_reproducible_and_shaped():
 
 
 def test_adam_generator_is_shared_with_the_quantization_report():
-    from experiments import quantization_report
+    from experiments.studies import quantization_report
 
     data = quantization_report.datasets(2048)
     assert np.array_equal(data["Adam m"], A.sample_data("adam_m", 2048, seed=0))

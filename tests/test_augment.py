@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from experiments.augment import (AugmentConfig, augment, blur_kernel_size, crop_and_flip, gaussian_blur,
+from experiments.data.augment import (AugmentConfig, augment, blur_kernel_size, crop_and_flip, gaussian_blur,
                                  random_resized_crop_boxes)
 
 IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from experiments.backbones import BACKBONES, Attention, VisionTransformer, drop_path, make_backbone
+from experiments.models import BACKBONES, make_backbone
+from experiments.models.vit import Attention, VisionTransformer, drop_path
 
 
 @functools.cache
@@ -160,7 +161,7 @@ def test_bad_arguments():
         tiny_vit(image_size=9)
     with pytest.raises(ValueError, match="divisible by heads"):
         tiny_vit(dim=10, heads=3)
-    with pytest.raises(ValueError, match="drop_path_rate"):
+    with pytest.raises(ValueError, match="drop path rate"):
         tiny_vit(drop_path_rate=1.0)
     with pytest.raises(ValueError, match="expected images"):
         tiny_vit()(torch.rand(2, 3, 12, 12))

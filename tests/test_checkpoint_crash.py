@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from experiments import train
-from experiments.config import load_config
+from experiments.engine import checkpoint, run
+from experiments.engine.config import load_config
 
 CONFIG = {"method": "simclr", "train_subset": 64, "batch_size": 16, "augment": {"output_size": 14},
           "checkpoint_every": 1, "threads": 1}  # 4 steps, a checkpoint after each
@@ -19,8 +19,8 @@ CONFIG = {"method": "simclr", "train_subset": 64, "batch_size": 16, "augment": {
 # run in a process of its own: torch.save writes half of the second checkpoint, says so, and hangs
 KILLED_RUN = """
 import io, sys, time, torch
-from experiments import train
-from experiments.config import load_config
+from experiments.engine import checkpoint, run
+from experiments.engine.config import load_config
 
 real_save, saves = torch.save, []
 
@@ -36,55 +36,55 @@ def save_half_then_hang(obj, f):
     time.sleep(600)
 
 torch.save = save_half_then_hang
-train.pretrain(load_config(__import__("json").loads(sys.argv[3])), sys.argv[1], progress=False)
+run.pretrain(load_config(__import__("json").loads(sys.argv[3])), sys.argv[1], progress=False)
 """
 
 
 def model_state(run_dir):
-    return train.load_checkpoint(run_dir)["model"]
+    return checkpoint.load_checkpoint(run_dir)["model"]
 
 
 def test_sigkill_while_checkpointing_resumes_from_the_last_complete_checkpoint(tmp_path):
-    run, marker = tmp_path / "run", tmp_path / "writing"
-    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run), str(marker), json.dumps(CONFIG)],
+    run_dir, marker = tmp_path / "run", tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run_dir), str(marker), json.dumps(CONFIG)],
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():
         if child.poll() is not None:
-            pytest.fail(f"the run ended before its second checkpoint:\n{child.stderr.read()}")
+            pytest.fail(f"the run_dir ended before its second checkpoint:\n{child.stderr.read()}")
         if time.monotonic() > deadline:
             child.kill()
-            pytest.fail("the run never reached its second checkpoint")
+            pytest.fail("the run_dir never reached its second checkpoint")
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
     child.stderr.close()
 
-    torn = list(run.glob(".checkpoint.pt.*.tmp"))
+    torn = list(run_dir.glob(".checkpoint.pt.*.tmp"))
     assert len(torn) == 1 and torn[0].stat().st_size > 0  # killed mid-write: half a file beside the checkpoint
-    assert train.load_checkpoint(run)["step"] == 1  # the last complete checkpoint, untouched
-    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert checkpoint.load_checkpoint(run_dir)["step"] == 1  # the last complete checkpoint, untouched
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2]  # step 2 was logged before its checkpoint was cut short
 
-    train.pretrain(load_config(CONFIG), run, resume=True, progress=False)
-    assert not list(run.glob(".checkpoint.pt.*.tmp"))
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    run.pretrain(load_config(CONFIG), run_dir, resume=True, progress=False)
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
     uninterrupted = tmp_path / "uninterrupted"
-    train.pretrain(load_config(CONFIG), uninterrupted, progress=False)
-    resumed, reference = model_state(run), model_state(uninterrupted)
+    run.pretrain(load_config(CONFIG), uninterrupted, progress=False)
+    resumed, reference = model_state(run_dir), model_state(uninterrupted)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_checkpoint_is_refused_not_loaded(tmp_path, damage):
-    train.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, progress=False)
+    run.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, progress=False)
     path = tmp_path / "checkpoint.pt"
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     with pytest.raises(RuntimeError, match="not a complete checkpoint"):
-        train.load_checkpoint(tmp_path)
+        checkpoint.load_checkpoint(tmp_path)
     with pytest.raises(RuntimeError, match="not a complete checkpoint"):
-        train.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, resume=True,
+        run.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, resume=True,
                        progress=False)

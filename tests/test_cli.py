@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments import __main__ as cli
-from experiments.config import RunConfig, load_config, read_config_file
+from experiments.engine.config import RunConfig, load_config, read_config_file
 
 TINY_FLAGS = ["--train-subset", "32", "--batch-size", "16", "--threads", "1", "--set", "augment.output_size=14",
               "--set", "method_options.queue_size=32", "--set", "eval_subset=40", "--set", "knn_k=5",

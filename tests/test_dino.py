@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.augment import AugmentConfig, augment
-from experiments.backbones import VisionTransformer, make_backbone
+from experiments.data.augment import AugmentConfig, augment
+from experiments.models import make_backbone
+from experiments.models.vit import VisionTransformer
 from experiments.methods import make_method
 from experiments.methods.dino import DINO, DINOHead, cosine_momentum, dino_loss
 

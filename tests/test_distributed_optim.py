@@ -22,7 +22,7 @@ from distributed_workers import (DDP_CASES, OPTIMIZERS, RESUME_STEPS, STEPS, SUB
 from torch import nn
 
 import quantlab.optim as qo
-from experiments.bench_distributed import launch
+from experiments.bench.distributed import launch
 
 JOB_TIMEOUT_S = 150  # the job takes ~15 s alone on 2 cores; a hang fails the tests instead of stalling them
 
@@ -284,7 +284,7 @@ def test_fsdp2_refuses_lamb_and_agrees_on_nonfinite_steps(ranks):
 
 @pytest.mark.slow
 def test_bench_distributed_writes_its_rows(tmp_path):
-    from experiments.bench_distributed import main
+    from experiments.bench.distributed import main
 
     result = main(["--width", "64", "--batch", "8", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "d.json")])
     assert json.loads((tmp_path / "d.json").read_text())["rows"] == result["rows"]

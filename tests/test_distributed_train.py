@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from experiments import distributed, train
-from experiments.bench_distributed import launch
-from experiments.config import load_config
+from experiments import distributed
+from experiments.engine import checkpoint, run
+from experiments.bench.distributed import launch
+from experiments.engine.config import load_config
 from experiments.methods.simclr import nt_xent_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,18 +49,18 @@ def test_two_processes_match_one_and_checkpoints_move_between_world_sizes(tmp_pa
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(CONFIG))
     one_epoch, two_epochs = load_config(CONFIG), load_config(CONFIG, {"epochs": 2})
-    train.pretrain(one_epoch, tmp_path / "one", progress=False)
+    run.pretrain(one_epoch, tmp_path / "one", progress=False)
     shutil.copytree(tmp_path / "one", tmp_path / "one-then-two")
-    train.pretrain(two_epochs, tmp_path / "one", resume=True, progress=False)
+    run.pretrain(two_epochs, tmp_path / "one", resume=True, progress=False)
     torchrun_pretrain(config_file, tmp_path / "two-then-one", "--set", "shard_optimizer_state=true")
-    saved = train.load_checkpoint(tmp_path / "two-then-one")
+    saved = checkpoint.load_checkpoint(tmp_path / "two-then-one")
     assert saved["world_size"] == 2 and saved["step"] == 2
     sharded = json.loads((tmp_path / "two-then-one" / "summary.json").read_text())
     whole = json.loads((tmp_path / "one" / "summary.json").read_text())
     # rank 0 kept the state of about half the tensors; the checkpoint holds all of them
     assert 0.2 < sharded["optimizer_state_bytes"] / whole["optimizer_state_bytes"] < 0.8
-    assert saved["optimizer"]["state"].keys() == train.load_checkpoint(tmp_path / "one")["optimizer"]["state"].keys()
-    train.pretrain(two_epochs, tmp_path / "two-then-one", resume=True, progress=False)
+    assert saved["optimizer"]["state"].keys() == checkpoint.load_checkpoint(tmp_path / "one")["optimizer"]["state"].keys()
+    run.pretrain(two_epochs, tmp_path / "two-then-one", resume=True, progress=False)
     torchrun_pretrain(config_file, tmp_path / "one-then-two", "--epochs", "2", "--resume")
 
     reference = losses(tmp_path / "one")

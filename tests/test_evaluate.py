@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experiments.data import ImageDataset, stratified_fraction, to_float
-from experiments.evaluate import extract_features, fine_tune, knn_accuracy, knn_predict, linear_probe
+from experiments.eval import extract_features, fine_tune, knn_accuracy, knn_predict, linear_probe
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

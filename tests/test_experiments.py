@@ -1,7 +1,8 @@
 """Smoke runs of the scripts behind `make demo` and `make bench`, at tiny sizes."""
 import json
 
-from experiments import bench_quantize, quantization_report
+from experiments.bench import quantize as bench_quantize
+from experiments.studies import quantization_report
 
 
 def test_quantization_report_writes_table_data_and_figure(tmp_path):
@@ -26,7 +27,7 @@ def test_benchmark_runs_and_records_ratios(tmp_path):
 
 
 def test_optimizer_benchmark_runs_and_records(tmp_path):
-    from experiments import bench_optim
+    from experiments.bench import optim as bench_optim
 
     rows = bench_optim.main(["--cases", "single", "--single-size", "20000", "--steps", "1", "--warmup", "1",
                              "--no-torchao", "--out", str(tmp_path)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.augment import AugmentConfig
-from experiments.backbones import VisionTransformer
+from experiments.data.augment import AugmentConfig
+from experiments.models.vit import VisionTransformer
 from experiments.methods import make_method
 from experiments.methods.mae import MAE, forward_loss, patchify, random_masking
 

@@ -5,10 +5,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from experiments.backbones import VisionTransformer
 from experiments.data import ImageDataset
-from experiments.multilabel import (fine_tune_multilabel, layer_decay_groups, linear_probe_multilabel, make_mosaics,
-                                    mean_auc, rand_augment, roc_auc, set_drop_path)
+from experiments.data.augment import rand_augment
+from experiments.data.mosaic import make_mosaics
+from experiments.eval.finetune import fine_tune_multilabel, vit_and_head_layers
+from experiments.eval.linear import linear_probe_multilabel
+from experiments.eval.metrics import mean_auc, roc_auc
+from experiments.lr_schedule import set_learning_rate
+from experiments.models.vit import VisionTransformer
+from experiments.param_groups import parameter_groups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -129,52 +134,61 @@ def expected_layer(name, depth):
     return depth + 1
 
 
+def vit_with_head_groups(lr_decay, weight_decay):
+    model = nn.Sequential(tiny_vit(), nn.Linear(32, 5))
+    return model, parameter_groups(model.named_parameters(), weight_decay, vit_and_head_layers(model), lr_decay)
+
+
 def test_layer_decay_groups_hold_every_parameter_once_with_its_scale():
-    vit, head = tiny_vit(), nn.Linear(32, 5)
-    lr, decay = 1e-3, 0.55
-    groups = layer_decay_groups(vit, lr, decay, weight_decay=0.05, head=head)
-    names = {id(p): name for name, p in vit.named_parameters()}
-    names |= {id(p): f"head.{name}" for name, p in head.named_parameters()}
+    decay = 0.55
+    model, groups = vit_with_head_groups(decay, weight_decay=0.05)
+    names = {id(p): name for name, p in model.named_parameters()}
     seen = [id(p) for group in groups for p in group["params"]]
     assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))
+    layers = set()
     for group in groups:
         for p in group["params"]:
-            name = names[id(p)]
-            assert group["lr"] == pytest.approx(lr * decay ** (3 - expected_layer(name, 2)))
+            part, name = names[id(p)].split(".", 1)
+            layer = expected_layer(name, 2) if part == "0" else 3  # the head: one past the final norm
+            layers.add(layer)
+            assert group["lr_scale"] == pytest.approx(decay ** (3 - layer)) and group["layer"] == layer
             no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed")
             assert group["weight_decay"] == (0.0 if no_decay else 0.05)
-    assert {expected_layer(names[id(p)], 2) for g in groups for p in g["params"]} == {0, 1, 2, 3}
+    assert layers == {0, 1, 2, 3}
 
 
 def test_one_adamw_step_moves_each_layer_by_its_learning_rate():
-    vit, head = tiny_vit(), nn.Linear(32, 5)
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, 1e-2, 0.5, weight_decay=0.0, head=head))
-    parameters = dict(vit.named_parameters()) | {f"head.{n}": p for n, p in head.named_parameters()}
-    before = {name: p.detach().clone() for name, p in parameters.items()}
-    for p in parameters.values():
+    model, groups = vit_with_head_groups(0.5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups)
+    set_learning_rate(optimizer, 1e-2, 1.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()  # Adam's first step is lr * g / (|g| + eps): lr for a gradient of 1
-    for name, p in parameters.items():
+    for name, p in model.named_parameters():
+        part, inner = name.split(".", 1)
+        layer = expected_layer(inner, 2) if part == "0" else 3
         step = before[name] - p.detach()
-        assert torch.allclose(step, torch.full_like(step, 1e-2 * 0.5 ** (3 - expected_layer(name, 2))), rtol=1e-4)
+        assert torch.allclose(step, torch.full_like(step, 1e-2 * 0.5 ** (3 - layer)), rtol=1e-4)
 
 
-def test_layer_decay_groups_reject_a_non_vit_and_bad_decay():
-    with pytest.raises(ValueError, match="VisionTransformer"):
-        layer_decay_groups(nn.Linear(3, 3), 1e-3, 0.55, 0.05)
-    with pytest.raises(ValueError, match="layer_decay"):
-        layer_decay_groups(tiny_vit(), 1e-3, 0.0, 0.05)
+def test_parameter_groups_reject_bad_decay():
+    for decay in (0.0, 1.5):
+        with pytest.raises(ValueError, match="layer_decay"):
+            vit_with_head_groups(decay, weight_decay=0.05)
+    with pytest.raises(ValueError, match="weight_decay"):
+        vit_with_head_groups(0.5, weight_decay=-1.0)
 
 
 def test_set_drop_path_matches_the_constructor_rates():
     vit = VisionTransformer(depth=5, dim=16, heads=2)
-    set_drop_path(vit, 0.2)
+    vit.set_drop_path(0.2)
     assert [block.drop_path_rate for block in vit.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
     built = VisionTransformer(depth=5, dim=16, heads=2, drop_path_rate=0.2)
     assert [b.drop_path_rate for b in vit.blocks] == [b.drop_path_rate for b in built.blocks]
     for rate in (-0.1, 1.0):
         with pytest.raises(ValueError, match="drop path"):
-            set_drop_path(vit, rate)
+            vit.set_drop_path(rate)
 
 
 # RandAugment

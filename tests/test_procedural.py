@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from experiments.procedural import (CHUNK_SIZE, ELLIPSE, GENERATOR_NAMES, GENERATORS, POLYGON, POLYGON_SIDES,
+from experiments.data.procedural import (CHUNK_SIZE, ELLIPSE, GENERATOR_NAMES, GENERATORS, POLYGON, POLYGON_SIDES,
                                     RECTANGLE, coverage, ellipse_distance, generate_images, max_normal_gap,
                                     paint_over, paint_shapes, pixel_grid, pixels_in_boxes, polygon_distance,
                                     power_law_noise, power_law_radii, random_shapes, rectangle_distance,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments import protocols
+from experiments.studies import protocols
 
 
 def test_every_protocol_prints_one_line_per_run_with_its_variant_settings(capsys):
@@ -24,7 +24,7 @@ def test_every_protocol_prints_one_line_per_run_with_its_variant_settings(capsys
 
 
 def test_record_gathers_each_variants_table(tmp_path):
-    for variant in protocols.PROTOCOLS["pass"]["variants"]:
+    for variant in protocols.PROTOCOLS["pass"].variants:
         folder = tmp_path / "pass" / variant
         folder.mkdir(parents=True)
         (folder / "table.json").write_text(json.dumps({"command": f"sweep {variant}", "runs": [{"seed": 0}],
@@ -42,19 +42,19 @@ def test_evaluation_options_read_the_protocols_sweep_arguments():
 
 
 def test_untrained_baselines_evaluate_each_backbone_as_its_runs_initialise_it(tmp_path, monkeypatch):
-    from experiments import train
-    from experiments.config import load_config
+    from experiments.engine import evaluate, run
+    from experiments.engine.config import load_config
 
-    monkeypatch.setitem(protocols.PROTOCOLS, "tiny", {"what": "", "sweep": [], "variants": {"a": []}})
+    monkeypatch.setitem(protocols.PROTOCOLS, "tiny", protocols.Protocol("", {"a": protocols.Sweep(methods=("simclr",))}))
     config = load_config({"method": "simclr", "train_subset": 32, "batch_size": 16, "threads": 1,
                           "eval_subset": 40, "probe_epochs": 5, "knn_k": 5, "checkpoint_every": 0})
     for seed in (0, 1):
         run_dir = tmp_path / "tiny" / "a" / "runs" / f"simclr-fp32-seed{seed}"
-        train.pretrain(load_config(config.to_dict(), {"seed": seed}), run_dir, progress=False)
-        train.evaluate_run(run_dir)
+        run.pretrain(load_config(config.to_dict(), {"seed": seed}), run_dir, progress=False)
+        evaluate.evaluate_run(run_dir)
     rows = protocols.untrained_baselines("tiny", tmp_path)
     assert [(r["backbone"], r["seeds"]) for r in rows] == [("resnet-tiny", 2)]
-    expected = [train.evaluate_backbone(train.build_method(load_config(config.to_dict(), {"seed": seed})).backbone,
+    expected = [evaluate.evaluate_backbone(run.build_method(load_config(config.to_dict(), {"seed": seed})).backbone,
                                         config)["knn_accuracy"] for seed in (0, 1)]
     assert rows[0]["knn_accuracy"] == pytest.approx(sum(expected) / 2)
     assert rows[0]["knn_accuracy_spread"] == pytest.approx(abs(expected[0] - expected[1]))

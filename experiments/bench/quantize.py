@@ -1,7 +1,7 @@
 """Benchmark block-wise quantization: quantlab's kernels vs the NumPy reference, bitsandbytes and a copy.
 
-    python -m experiments.bench_quantize                  # CPU, N = 2**24, block sizes 64..4096
-    python -m experiments.bench_quantize --device cuda    # GPU: quantlab vs bitsandbytes vs torch copy
+    python -m experiments.bench.quantize                  # CPU, N = 2**24, block sizes 64..4096
+    python -m experiments.bench.quantize --device cuda    # GPU: quantlab vs bitsandbytes vs torch copy
 
 Elements per second are N / median time. The round trip is one quantize plus one dequantize; it
 moves 10 bytes an element (read 4 + write 1, read 1 + write 4), and its time is compared with the
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-import quantlab
 from quantlab import kernels, reference
 from quantlab.codes import dynamic_code
+from quantlab.provenance import environment
 
 ROUND_TRIP_BYTES = 10  # per element: quantize reads 4, writes 1; dequantize reads 1, writes 4
 
@@ -168,31 +167,6 @@ def ratio_table(result: dict, device: str) -> str:
     copies = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in result["copy_bytes_per_s"].items())
     lines.append(f"\nMemory copy (read + write bytes counted): {copies}.")
     return "\n".join(lines)
-
-
-def environment() -> dict:
-    import numba
-    import torch
-
-    info = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-            "torch": torch.__version__, "quantlab": quantlab.__version__, "machine": platform.machine(),
-            "cpu": _cpu_name(), "threads": numba.get_num_threads()}
-    bnb = bitsandbytes_functions()
-    if bnb is not None:
-        import bitsandbytes
-
-        info["bitsandbytes"] = bitsandbytes.__version__
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> dict:

@@ -1,7 +1,7 @@
 """Quantization-error report on built-in data: which 8-bit code and block size keep optimizer-like
 tensors accurate?
 
-    python -m experiments.quantization_report --out results/quantization_report
+    python -m experiments.studies.quantization_report --out results/quantization_report
 
 Data are generated here with fixed seeds (nothing is downloaded): a normal tensor, a heavy-tailed
 one (Student t, 2 degrees of freedom), and Adam's two moment estimates after 100 steps on

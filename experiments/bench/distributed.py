@@ -1,6 +1,6 @@
 """Benchmark training steps on torch.distributed (gloo, CPU): 1 process vs 2, quantlab AdamW 8-bit vs torch AdamW.
 
-    python -m experiments.bench_distributed --out results/bench_distributed/distributed.json
+    python -m experiments.bench.distributed --out results/bench_distributed/distributed.json
 
 One MLP (256 -> width -> width -> 256, GELU), a fixed global batch per step; 2 processes take half
 each, under DistributedDataParallel, or under DDP with ZeroRedundancyOptimizer (ZeRO-1: each rank
@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import quantlab.optim as qo
-from experiments.bench_quantize import environment
+from quantlab.provenance import environment
 
 WORLD_SIZE = 2
 

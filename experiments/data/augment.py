@@ -1,5 +1,5 @@
 """SimCLR / MoCo v2 style view augmentation, batched: every image gets its own random parameters, and
-no step loops over images in Python.
+no step loops over images in Python; and RandAugment for fine-tuning (rand_augment).
 
     random resized crop + horizontal flip  -> one affine sampling grid per image (bilinear)
     brightness and contrast jitter         -> with probability jitter_p
@@ -16,6 +16,10 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
+
+RANDAUGMENT_OPS = 2  # timm's default number of ops, used by the medical-MAE paper's "rand-m6-mstd0.5-inc1"
+RANDAUGMENT_MAGNITUDE = 6  # of 10: the "m6" in the paper's scripts
 
 
 @dataclass(frozen=True)
@@ -147,3 +151,28 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
 
 def solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(images >= threshold, 1 - images, images)
+
+
+def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int = RANDAUGMENT_OPS,
+                 magnitude: int = RANDAUGMENT_MAGNITUDE) -> torch.Tensor:
+    """RandAugment (Cubuk et al. 2020) on uint8 [B, H, W] images, each image with its own ops.
+
+    The medical-MAE paper's scripts pass timm's `--aa rand-m6-mstd0.5-inc1`: magnitude 6 on timm's 0-10
+    scale, timm's default of 2 ops an image. This is torchvision's RandAugment with num_magnitude_bins=11,
+    so that magnitude m is m/10 of each op's range as in timm (rotate 30 degrees, shear 0.3, translate 0.45
+    of the side, enhance 0.9 at m=10). Left out of timm's variant: the magnitude noise (mstd0.5), each op's
+    0.5 probability and the op set ("inc1": invert, solarize-add; torchvision has identity instead).
+
+    torchvision draws from torch's global generator, so the draws run in a fork of it seeded from
+    `generator`: the result depends only on the generator, which advances, and the caller's global state
+    is left as it was. A Python loop over images (torchvision draws one set of ops a call): for 256 images,
+    0.05 s with 2 ops and 0.13 s with 6 on one CPU thread, several times that with torch on 2 threads."""
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(f"expected uint8 [B, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"magnitude must be in 0..10, got {magnitude}")
+    transform = v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.cat([transform(image[None]) for image in images.cpu()]).to(images.device)

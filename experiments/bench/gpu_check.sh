@@ -5,7 +5,7 @@
 # optimizer steps with float32 and bfloat16 parameters). Needs torch with CUDA, numba (or numba-cuda), pytest and hypothesis; no install step,
 # so it also runs where nothing can be fetched. Results go to ${1:-results/gpu_check}.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out="${1:-results/gpu_check}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 QUANTLAB_GPU_TESTS=1
@@ -13,10 +13,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "import torch, numba; print('torch', torch.__version__, 'numba', numba.__version__)" | tee -a "$out/gpu.txt"
 python3 -m pytest tests/cuda -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
-python3 -m experiments.bench_quantize --device cuda --n $((1 << 26)) --out "$out" 2>&1 | tee "$out/bench.log"
+python3 -m experiments.bench.quantize --device cuda --n $((1 << 26)) --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 for dtype in float32 bfloat16; do
-  python3 -m experiments.bench_optim --device cuda --dtype $dtype --cases single resnet18 --no-torchao \
+  python3 -m experiments.bench.optim --device cuda --dtype $dtype --cases single resnet18 --no-torchao \
     --out "$out/optim_$dtype" 2>&1 | tee "$out/bench_optim_$dtype.log"
   bench=$(( bench || PIPESTATUS[0] ))
 done

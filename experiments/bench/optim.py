@@ -1,8 +1,8 @@
 """Benchmark one optimizer step: quantlab Adam (8-bit and 32-bit state) vs torch, bitsandbytes, torchao.
 
-    python -m experiments.bench_optim                    # one 2**24 tensor, ResNet-18, small ViT
-    python -m experiments.bench_optim --cases single --no-torchao
-    python -m experiments.bench_optim --device cuda --dtype bfloat16    # on a GPU
+    python -m experiments.bench.optim                    # one 2**24 tensor, ResNet-18, small ViT
+    python -m experiments.bench.optim --cases single --no-torchao
+    python -m experiments.bench.optim --device cuda --dtype bfloat16    # on a GPU
 
 For each parameter set (random gradients of 1e-2 scale) and optimizer: ms per step (median after
 warm-up steps), state bytes per parameter, and the peak extra resident memory during a step over
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import quantlab.optim as qo
-from experiments.bench_quantize import environment
+from quantlab.provenance import environment
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
