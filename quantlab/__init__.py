@@ -3,7 +3,7 @@
 ``import quantlab`` loads NumPy only; the Numba kernels load with ``quantlab.kernels`` and torch
 with ``quantlab.optim`` / ``quantlab.nn``.
 """
-from . import metrics, reference
+from . import metrics, reference, tables
 from .codes import Code, dynamic_code, fp8_code, linear_code, quantile_code
 from .reference import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 
@@ -12,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Code", "dynamic_code", "linear_code", "quantile_code", "fp8_code",
     "quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise",
-    "metrics", "reference", "__version__",
+    "metrics", "reference", "tables", "__version__",
 ]

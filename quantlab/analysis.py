@@ -277,16 +277,6 @@ def value(rows: Iterable[dict], column: str, **where):
     return found[0][column]
 
 
-def markdown_table(rows: Iterable[dict], columns: Iterable[str], formats: Mapping[str, str] | None = None) -> str:
-    """A Markdown table of ``columns`` (floats formatted by ``formats[column]``, default ``.3g``)."""
-    columns, formats = list(columns), dict(formats or {})
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        cells = [format(r[c], formats.get(c, ".3g")) if isinstance(r[c], float) else str(r[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # --- outliers -------------------------------------------------------------------------------------
 
 PLACEMENTS = ("one per tensor", "one per block")

@@ -143,14 +143,13 @@ def test_bit_sweep_error_falls_with_every_bit():
         assert len(errors) == 6 and all(a > b for a, b in zip(errors, errors[1:]))
 
 
-def test_select_value_and_markdown():
+def test_select_and_value():
     rows = [{"a": 1, "b": 0.5}, {"a": 2, "b": 0.25}]
     assert A.value(rows, "b", a=2) == 0.25
     with pytest.raises(LookupError):
         A.value(rows, "b", a=3)
     with pytest.raises(LookupError):
         A.value(rows + rows, "b", a=1)
-    assert A.markdown_table(rows, ["a", "b"], {"b": ".1%"}).splitlines()[-1] == "| 2 | 25.0% |"
 
 
 # --- outliers -------------------------------------------------------------------------------------------
