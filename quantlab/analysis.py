@@ -19,12 +19,11 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .codes import Code, dynamic_code, fp8_code, linear_code, quantile_code
+from .codes import FAMILIES, Code, family_codes
 
 TENSOR = "tensor"
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, TENSOR)
 BITS = (3, 4, 5, 6, 7, 8)
-FAMILIES = ("dynamic", "dynamic-symmetric", "linear", "quantile", "float")
 DATA = {  # sample_data names -> labels used in tables and figures
     "normal": "normal",
     "t2": "heavy-tailed t(2)",
@@ -79,64 +78,6 @@ def sample_data(name: str, n: int, seed: int = 0) -> np.ndarray:
 def sample_datasets(n: int, seed: int = 0, names: Iterable[str] = tuple(DATA)) -> dict[str, np.ndarray]:
     """``{label: sample_data(name, n, seed)}`` for each name (labels from ``DATA``)."""
     return {DATA[name]: sample_data(name, n, seed) for name in names}
-
-
-# --- codes --------------------------------------------------------------------------------------
-
-def float_code(bits: int = 8, exponent_bits: int | None = None, signed: bool = True) -> Code:
-    """A minifloat code: every value of a (sign,) exponent, mantissa format with IEEE-style
-    subnormals and bias 2**(e-1) - 1, all bit patterns finite (as OCP FP4 E2M1 and FP6 E3M2), divided
-    by the largest. The default exponent width is half the magnitude bits, rounded up: E1M1, E2M1
-    (FP4), E2M2, E3M2 (FP6), E3M3, E4M3 for signed 3..8 bits. Signed 8-bit E4M3 is ``fp8_code("e4m3")``
-    itself (OCP e4m3fn, which reserves the top pattern for NaN)."""
-    magnitude_bits = bits - (1 if signed else 0)
-    e = math.ceil(magnitude_bits / 2) if exponent_bits is None else int(exponent_bits)
-    if signed and bits == 8 and e == 4:
-        return fp8_code("e4m3")
-    m = magnitude_bits - e
-    if e < 1 or m < 0:
-        raise ValueError(f"{bits} bits ({'signed' if signed else 'unsigned'}) cannot hold {e} exponent bits")
-    bias = 2 ** (e - 1) - 1
-    exponent, mantissa = np.meshgrid(np.arange(2**e), np.arange(2**m), indexing="ij")
-    fraction = mantissa / 2**m
-    magnitudes = np.where(exponent == 0, fraction * 2.0 ** (1 - bias), (1 + fraction) * 2.0 ** (exponent - bias))
-    magnitudes = np.unique(magnitudes) / magnitudes.max()
-    values = np.unique(np.concatenate([-magnitudes, magnitudes])) if signed else magnitudes
-    return Code(values.astype(np.float32), f"float{bits}-e{e}m{m}{'' if signed else '-unsigned'}", bits)
-
-
-def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = None) -> Code | None:
-    """The ``family`` code (one of ``FAMILIES``) at ``bits`` bits, for data like ``sample``.
-
-    ``signed`` defaults to whether ``sample`` holds a negative value (True without a sample): non-
-    negative data such as Adam's v get the unsigned variant. ``"quantile"`` is fitted to ``sample``.
-    Returns None where the family has no such variant (``"dynamic-symmetric"`` unsigned).
-    """
-    if signed is None:
-        signed = sample is None or bool(np.any(np.asarray(sample) < 0))
-    if family == "dynamic":
-        return dynamic_code(signed, bits)
-    if family == "dynamic-symmetric":
-        return dynamic_code(True, bits, symmetric=True) if signed else None
-    if family == "linear":
-        return linear_code(bits, signed)
-    if family == "quantile":
-        if sample is None:
-            raise ValueError("the quantile code needs a sample to fit")
-        return quantile_code(sample, bits)
-    if family == "float":
-        return float_code(bits, signed=signed)
-    raise ValueError(f"unknown code family {family!r}; choose one of {FAMILIES}")
-
-
-def family_codes(bits: int = 8, families: Iterable[str] = FAMILIES) -> dict[str, Callable]:
-    """``{family: x -> Code | None}``: codes chosen per data set (signedness, quantile fit), for
-    :func:`error_table`."""
-    return {family: functools.partial(_code_for_data, family, bits) for family in families}
-
-
-def _code_for_data(family, bits, x):
-    return make_code(family, bits, sample=x)
 
 
 # --- round trips and error measures ---------------------------------------------------------------
@@ -237,8 +178,8 @@ def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes
     parameter): each is then quantized on its own, as an optimizer does (``"tensor"`` = one block
     per array), and the measures pool all their elements. ``codes`` maps a label to a Code, or to a
     callable taking the (concatenated) data and returning a Code, or None to skip that data set
-    (e.g. :func:`family_codes`). Rows: ``data``, ``code`` (the label), ``code_name``, ``bits``,
-    ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per metric.
+    (e.g. ``quantlab.codes.family_codes``). Rows: ``data``, ``code`` (the label), ``code_name``,
+    ``bits``, ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per metric.
     """
     metrics = tuple(metrics)
     rows = []

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from quantlab import analysis as A
-from quantlab import dynamic_code, fp8_code, linear_code
+from quantlab import dynamic_code, linear_code
+from quantlab.codes import FAMILIES, family_codes
 
 
-# --- data and codes ---------------------------------------------------------------------------------
+# --- data ---------------------------------------------------------------------------------------
 
 def test_sample_data_is_reproducible_and_shaped():
     for name in A.DATA:
@@ -37,34 +38,6 @@ def test_adam_generator_is_shared_with_the_quantization_report():
     m, _ = A.adam_moments(2048)
     m[:] = 0  # the cached arrays are not handed out
     assert np.any(A.adam_moments(2048)[0])
-
-
-def test_float_code_known_formats():
-    fp4 = A.float_code(4)  # OCP FP4 E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives
-    magnitudes = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
-    assert fp4.name == "float4-e2m1"
-    assert np.array_equal(fp4.values, np.unique(np.concatenate([-magnitudes, magnitudes])).astype(np.float32))
-    assert A.float_code(8) == fp8_code("e4m3")
-    assert len(A.float_code(6)) == 63  # E3M2: 32 magnitudes, +-0 merged
-    unsigned = A.float_code(8, signed=False)  # E4M4, no sign bit: 256 distinct values
-    assert unsigned.name == "float8-e4m4-unsigned" and len(unsigned) == 256 and unsigned.values[0] == 0
-    with pytest.raises(ValueError, match="exponent bits"):
-        A.float_code(4, exponent_bits=4)
-
-
-def test_make_code_picks_signedness_from_the_data():
-    v = A.sample_data("adam_v", 4096)
-    m = A.sample_data("adam_m", 4096)
-    assert A.make_code("dynamic", 8, v) == dynamic_code(signed=False)
-    assert A.make_code("dynamic", 8, m) == dynamic_code(signed=True)
-    assert A.make_code("dynamic-symmetric", 8, v) is None
-    assert A.make_code("linear", 5, m) == linear_code(5, signed=True)
-    assert A.make_code("float", 4, v).name == "float4-e2m2-unsigned"
-    assert A.make_code("quantile", 4, m).bits == 4
-    with pytest.raises(ValueError, match="needs a sample"):
-        A.make_code("quantile", 8)
-    with pytest.raises(ValueError, match="unknown code family"):
-        A.make_code("nf4")
 
 
 # --- error measures and tables ------------------------------------------------------------------------
@@ -94,8 +67,8 @@ def test_a_code_holding_every_value_of_the_data_is_exact():
 
 def test_tensor_block_is_one_block_of_n():
     x = A.sample_data("t2", 3000)
-    rows = A.error_table({"x": x}, A.family_codes(6), [3000, "tensor", 5000])
-    for code in A.FAMILIES:
+    rows = A.error_table({"x": x}, family_codes(6), [3000, "tensor", 5000])
+    for code in FAMILIES:
         n_block, tensor, bigger = A.select(rows, code=code)
         for key in A.DEFAULT_METRICS:
             assert n_block[key] == tensor[key] == bigger[key]
