@@ -3,8 +3,9 @@ and Adam states captured from real training. The notebooks (``notebooks/``) and 
 (``paper_figs/``) call these functions; they hold no analysis logic of their own.
 
 Round trips run on ``quantlab.kernels`` (bit-identical to ``quantlab.reference``, tens of times
-faster); error measures are computed in float64. ``import quantlab.analysis`` loads NumPy only: the
-Numba kernels load on the first round trip, torch in :func:`capture_adam_states` / :func:`minibatches`.
+faster); codes come from ``quantlab.codes`` (``make_code``, ``family_codes``) and error measures from
+``quantlab.metrics``. ``import quantlab.analysis`` loads NumPy only: the Numba kernels load on the
+first round trip, torch in :func:`capture_adam_states` / :func:`minibatches`.
 
 Block sizes are positive integers or ``"tensor"``: one block for the whole tensor, i.e. plain
 tensor-wise absmax quantization (the same numbers as a block size of ``x.size``).
@@ -19,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import metrics
 from .codes import FAMILIES, Code, family_codes
 
 TENSOR = "tensor"
@@ -80,7 +82,7 @@ def sample_datasets(n: int, seed: int = 0, names: Iterable[str] = tuple(DATA)) -
     return {DATA[name]: sample_data(name, n, seed) for name in names}
 
 
-# --- round trips and error measures ---------------------------------------------------------------
+# --- round trips and error tables -----------------------------------------------------------------
 
 def resolve_block_size(block_size, n: int) -> int:
     """An integer block size: ``"tensor"`` -> n."""
@@ -119,51 +121,6 @@ def _kernel_threads(n: int):
         numba.set_num_threads(before)
 
 
-def _norm(a: np.ndarray) -> float:
-    # not np.linalg.norm: its multithreaded BLAS dot is slow on small vectors on a busy machine
-    return math.sqrt(float(np.einsum("i,i->", a, a)))
-
-
-def _relative_error(x, x_hat, diff):
-    norm, err = _norm(x), _norm(diff)
-    return 0.0 if err == 0 else (float(err / norm) if norm else math.inf)
-
-
-def _zero_rounding(x, x_hat, diff):
-    nonzero = x != 0
-    return float(np.mean(x_hat[nonzero] == 0)) if nonzero.any() else math.nan
-
-
-METRICS: dict[str, Callable] = {
-    "relative_error": _relative_error,  # ||x - x_hat|| / ||x||
-    "rms_error": lambda x, x_hat, diff: _norm(diff) / math.sqrt(diff.size),
-    "max_abs_error": lambda x, x_hat, diff: float(np.max(np.abs(diff))),
-    "max_relative_error": lambda x, x_hat, diff: float(np.max(np.abs(diff)) / np.max(np.abs(x)))
-    if np.any(x) else 0.0,  # largest error as a fraction of max|x|
-    "zero_rounding_fraction": _zero_rounding,  # non-zero x reconstructed as exactly 0
-}
-DEFAULT_METRICS = ("relative_error", "rms_error", "max_abs_error", "zero_rounding_fraction")
-
-
-def error_measures(x, x_hat, metrics: Iterable[str] = DEFAULT_METRICS) -> dict[str, float]:
-    """The named measures (keys of ``METRICS``) of reconstruction ``x_hat`` of ``x``, in float64."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    x_hat = np.asarray(x_hat, dtype=np.float64).reshape(-1)
-    if x.shape != x_hat.shape or x.size == 0:
-        raise ValueError(f"x ({x.size}) and x_hat ({x_hat.size}) must have the same, non-zero size")
-    diff = x - x_hat
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
-    return {m: METRICS[m](x, x_hat, diff) for m in metrics}
-
-
-def zero_rounding_fraction(x, code: Code, block_size=256) -> float:
-    """Fraction of the non-zero elements of ``x`` that quantize to exactly 0 (nan if none is non-zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return _zero_rounding(x.reshape(-1), roundtrip(x, code, block_size).reshape(-1), None)
-
-
 def _parts(x) -> list[np.ndarray]:
     """A data entry of error_table as a list of flat float32 arrays, each quantized on its own."""
     parts = list(x.values()) if isinstance(x, Mapping) else list(x) if isinstance(x, (list, tuple)) else [x]
@@ -171,7 +128,7 @@ def _parts(x) -> list[np.ndarray]:
 
 
 def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes=BLOCK_SIZES,
-                metrics: Iterable[str] = DEFAULT_METRICS) -> list[dict]:
+                measures: Iterable[str] = metrics.DEFAULT_MEASURES) -> list[dict]:
     """One row per data set x code x block size: quantize block-wise, dequantize, measure.
 
     ``data`` maps a name to an array, or to a list or dict of arrays (e.g. one optimizer state per
@@ -179,9 +136,10 @@ def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes
     per array), and the measures pool all their elements. ``codes`` maps a label to a Code, or to a
     callable taking the (concatenated) data and returning a Code, or None to skip that data set
     (e.g. ``quantlab.codes.family_codes``). Rows: ``data``, ``code`` (the label), ``code_name``,
-    ``bits``, ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per metric.
+    ``bits``, ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per measure
+    (names of ``quantlab.metrics.MEASURES``).
     """
-    metrics = tuple(metrics)
+    measures = tuple(measures)
     rows = []
     for data_name, entry in data.items():
         parts = _parts(entry)
@@ -194,15 +152,15 @@ def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes
                 x_hat = np.concatenate([roundtrip(p, code, block_size) for p in parts])
                 rows.append({"data": data_name, "code": label, "code_name": code.name, "bits": code.bits,
                              "code_values": len(code), "block_size": block_size, "n": int(x.size),
-                             **error_measures(x, x_hat, metrics)})
+                             **metrics.error_measures(x, x_hat, measures)})
     return rows
 
 
 def bit_sweep(data: Mapping[str, np.ndarray], bits: Iterable[int] = BITS, families: Iterable[str] = FAMILIES,
-              block_sizes=(256,), metrics: Iterable[str] = DEFAULT_METRICS) -> list[dict]:
+              block_sizes=(256,), measures: Iterable[str] = metrics.DEFAULT_MEASURES) -> list[dict]:
     """:func:`error_table` of each code family at each bit width (``code`` = family, ``bits`` set)."""
     families = tuple(families)
-    return [row for b in bits for row in error_table(data, family_codes(b, families), block_sizes, metrics)]
+    return [row for b in bits for row in error_table(data, family_codes(b, families), block_sizes, measures)]
 
 
 def select(rows: Iterable[dict], **where) -> list[dict]:
@@ -273,16 +231,15 @@ def outlier_study(x, code: Code, block_sizes=(64, 256, 1024, 4096), magnitudes=(
                 hit_blocks = np.unique(np.flatnonzero(is_outlier) // b)
                 in_hit_block = np.isin(np.arange(n) // b, hit_blocks)
                 blockwise, tensorwise = roundtrip(y, code, b), roundtrip(y, code, TENSOR)
-                measure = functools.partial(error_measures, metrics=("relative_error", "zero_rounding_fraction"))
-                bw, tw = measure(x[rest], blockwise[rest]), measure(x[rest], tensorwise[rest])
+                measures = ("relative_error", "zero_rounding_fraction")
+                bw = metrics.error_measures(x[rest], blockwise[rest], measures)
+                tw = metrics.error_measures(x[rest], tensorwise[rest], measures)
                 rows.append({
                     "code": code.name, "block_size": block_size, "placement": placement, "magnitude": magnitude,
                     "outliers": int(is_outlier.sum()),
                     "blockwise_error": bw["relative_error"], "tensorwise_error": tw["relative_error"],
-                    "clean_blockwise_error": error_measures(x[rest], clean_block[rest], ("relative_error",))[
-                        "relative_error"],
-                    "clean_tensorwise_error": error_measures(x[rest], clean_tensor[rest], ("relative_error",))[
-                        "relative_error"],
+                    "clean_blockwise_error": metrics.relative_error(x[rest], clean_block[rest]),
+                    "clean_tensorwise_error": metrics.relative_error(x[rest], clean_tensor[rest]),
                     "blockwise_zero_rounding": bw["zero_rounding_fraction"],
                     "tensorwise_zero_rounding": tw["zero_rounding_fraction"],
                     "affected_fraction": float(np.mean(in_hit_block[rest])),
@@ -439,10 +396,10 @@ def adam_update_error(m, v, m_code: Code, v_code: Code, block_size=256, grad=Non
     exact, quantized = update(m, v), update(m_hat, v_hat)
     blown_up = np.abs(quantized) > 10 * np.abs(exact) + 1e-12
     v_lost = (v != 0) & (v_hat == 0)
-    return {"relative_error": error_measures(exact, quantized, ("relative_error",))["relative_error"],
+    return {"relative_error": metrics.relative_error(exact, quantized),
             "blown_up_fraction": float(np.mean(blown_up)),
             "blown_up_with_v_lost": float(np.mean(v_lost[blown_up])) if blown_up.any() else math.nan,
-            "v_zero_rounding": _zero_rounding(v, v_hat, None)}
+            "v_zero_rounding": metrics.zero_rounding_fraction(v, v_hat)}
 
 
 def update_error_table(states: AdamStates, m_code: Code, v_code: Code, block_sizes=BLOCK_SIZES,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quantlab import analysis as A
-from quantlab import dynamic_code, linear_code
+from quantlab import dynamic_code, linear_code, metrics
 from quantlab.codes import FAMILIES, family_codes
 
 
@@ -40,20 +40,7 @@ def test_adam_generator_is_shared_with_the_quantization_report():
     assert np.any(A.adam_moments(2048)[0])
 
 
-# --- error measures and tables ------------------------------------------------------------------------
-
-def test_error_measures_worked_example():
-    x, x_hat = np.array([3.0, -4.0, 1e-3, 0.0]), np.array([2.0, -2.0, 0.0, 0.0])
-    got = A.error_measures(x, x_hat, A.METRICS)
-    # errors (1, -2, 1e-3, 0)
-    assert got["relative_error"] == pytest.approx(math.sqrt(5 + 1e-6) / math.sqrt(25 + 1e-6), rel=1e-12)
-    assert got["rms_error"] == pytest.approx(math.sqrt((5 + 1e-6) / 4), rel=1e-12)
-    assert got["max_abs_error"] == 2.0
-    assert got["max_relative_error"] == 0.5
-    assert got["zero_rounding_fraction"] == pytest.approx(1 / 3)  # 1e-3 of the three non-zeros
-    with pytest.raises(ValueError, match="unknown metrics"):
-        A.error_measures(x, x_hat, ["psnr"])
-
+# --- error tables --------------------------------------------------------------------------------------
 
 def test_a_code_holding_every_value_of_the_data_is_exact():
     code = linear_code(4)
@@ -70,7 +57,7 @@ def test_tensor_block_is_one_block_of_n():
     rows = A.error_table({"x": x}, family_codes(6), [3000, "tensor", 5000])
     for code in FAMILIES:
         n_block, tensor, bigger = A.select(rows, code=code)
-        for key in A.DEFAULT_METRICS:
+        for key in metrics.DEFAULT_MEASURES:
             assert n_block[key] == tensor[key] == bigger[key]
     assert {r["block_size"] for r in rows} == {3000, "tensor", 5000}
 
@@ -94,19 +81,20 @@ def test_error_table_quantizes_each_part_on_its_own():
     code = linear_code(8)
     pooled = A.error_table({"states": {"a": small, "b": large}}, {"c": code}, ["tensor"])[0]
     by_hand = np.concatenate([A.roundtrip(small, code, "tensor"), A.roundtrip(large, code, "tensor")])
-    expected = A.error_measures(np.concatenate([small, large]), by_hand)
+    expected = metrics.error_measures(np.concatenate([small, large]), by_hand)
     assert pooled["n"] == 1500
-    for key in A.DEFAULT_METRICS:
+    for key in metrics.DEFAULT_MEASURES:
         assert pooled[key] == expected[key]
     one_tensor = A.error_table({"states": np.concatenate([small, large])}, {"c": code}, ["tensor"])[0]
     assert one_tensor["zero_rounding_fraction"] > 0.5 > pooled["zero_rounding_fraction"]
 
 
-def test_zero_rounding_fraction_of_a_tiny_value():
+def test_a_tiny_value_rounds_to_zero_tensor_wise_but_not_in_its_own_block():
     x = np.array([1.0, 1e-9, 0.0, 0.5], np.float32)
-    assert A.zero_rounding_fraction(x, dynamic_code(), "tensor") == pytest.approx(1 / 3)
-    assert A.zero_rounding_fraction(x, dynamic_code(), 1) == 0  # each value its own absmax: exact
-    assert math.isnan(A.zero_rounding_fraction(np.zeros(4, np.float32), dynamic_code(), 2))
+    assert metrics.zero_rounding_fraction(x, A.roundtrip(x, dynamic_code(), "tensor")) == pytest.approx(1 / 3)
+    assert metrics.zero_rounding_fraction(x, A.roundtrip(x, dynamic_code(), 1)) == 0  # own absmax: exact
+    zeros = np.zeros(4, np.float32)
+    assert math.isnan(metrics.zero_rounding_fraction(zeros, A.roundtrip(zeros, dynamic_code(), 2)))
 
 
 def test_bit_sweep_error_falls_with_every_bit():
