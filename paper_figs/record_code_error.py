@@ -1,6 +1,6 @@
 """Record the code-error study behind fig_code_error: python -m paper_figs.record_code_error
 
-Quantization error of the five code families (quantlab.analysis.FAMILIES) on the four seeded data
+Quantization error of the five code families (quantlab.codes.FAMILIES) on the four seeded data
 sets of quantlab.analysis (normal, t(2), Adam m, Adam v; 2^18 values each): 8-bit codes at block
 sizes 64 .. 4096 and one block per tensor ("by_block"), and 3 .. 8 bits at blocks of 256 and one
 block per tensor ("by_bits"). Writes paper_figs/results/code_error.json (about 10 s on 2 cores).
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import quantlab
-from quantlab import analysis
+from quantlab import analysis, codes
 
 from .common import RESULTS
 
@@ -31,9 +31,9 @@ def record(n: int = N, seed: int = 0) -> dict:
         "description": "relative L2 error and share of non-zero values returned as 0, per data set, code family, "
                        "bit width and block size ('tensor' = one block per tensor); quantlab.analysis.error_table",
         "command": "python -m paper_figs.record_code_error",
-        "n": n, "seed": seed, "families": list(analysis.FAMILIES), "data": list(data),
+        "n": n, "seed": seed, "families": list(codes.FAMILIES), "data": list(data),
         "block_sizes": list(analysis.BLOCK_SIZES), "bits": list(analysis.BITS),
-        "by_block": analysis.error_table(data, analysis.family_codes(8), analysis.BLOCK_SIZES),
+        "by_block": analysis.error_table(data, codes.family_codes(8), analysis.BLOCK_SIZES),
         "by_bits": analysis.bit_sweep(data, analysis.BITS, block_sizes=BITS_BLOCK_SIZES),
         "environment": {"python": platform.python_version(), "numpy": np.__version__,
                         "quantlab": quantlab.__version__, "machine": platform.machine()},

@@ -3,8 +3,9 @@ and Adam states captured from real training. The notebooks (``notebooks/``) and 
 (``paper_figs/``) call these functions; they hold no analysis logic of their own.
 
 Round trips run on ``quantlab.kernels`` (bit-identical to ``quantlab.reference``, tens of times
-faster); error measures are computed in float64. ``import quantlab.analysis`` loads NumPy only: the
-Numba kernels load on the first round trip, torch in :func:`capture_adam_states` / :func:`minibatches`.
+faster); codes come from ``quantlab.codes`` (``make_code``, ``family_codes``) and error measures from
+``quantlab.metrics``. ``import quantlab.analysis`` loads NumPy only: the Numba kernels load on the
+first round trip, torch in :func:`capture_adam_states` / :func:`minibatches`.
 
 Block sizes are positive integers or ``"tensor"``: one block for the whole tensor, i.e. plain
 tensor-wise absmax quantization (the same numbers as a block size of ``x.size``).
@@ -19,12 +20,12 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .codes import Code, dynamic_code, fp8_code, linear_code, quantile_code
+from . import metrics
+from .codes import FAMILIES, Code, family_codes
 
 TENSOR = "tensor"
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, TENSOR)
 BITS = (3, 4, 5, 6, 7, 8)
-FAMILIES = ("dynamic", "dynamic-symmetric", "linear", "quantile", "float")
 DATA = {  # sample_data names -> labels used in tables and figures
     "normal": "normal",
     "t2": "heavy-tailed t(2)",
@@ -81,65 +82,7 @@ def sample_datasets(n: int, seed: int = 0, names: Iterable[str] = tuple(DATA)) -
     return {DATA[name]: sample_data(name, n, seed) for name in names}
 
 
-# --- codes --------------------------------------------------------------------------------------
-
-def float_code(bits: int = 8, exponent_bits: int | None = None, signed: bool = True) -> Code:
-    """A minifloat code: every value of a (sign,) exponent, mantissa format with IEEE-style
-    subnormals and bias 2**(e-1) - 1, all bit patterns finite (as OCP FP4 E2M1 and FP6 E3M2), divided
-    by the largest. The default exponent width is half the magnitude bits, rounded up: E1M1, E2M1
-    (FP4), E2M2, E3M2 (FP6), E3M3, E4M3 for signed 3..8 bits. Signed 8-bit E4M3 is ``fp8_code("e4m3")``
-    itself (OCP e4m3fn, which reserves the top pattern for NaN)."""
-    magnitude_bits = bits - (1 if signed else 0)
-    e = math.ceil(magnitude_bits / 2) if exponent_bits is None else int(exponent_bits)
-    if signed and bits == 8 and e == 4:
-        return fp8_code("e4m3")
-    m = magnitude_bits - e
-    if e < 1 or m < 0:
-        raise ValueError(f"{bits} bits ({'signed' if signed else 'unsigned'}) cannot hold {e} exponent bits")
-    bias = 2 ** (e - 1) - 1
-    exponent, mantissa = np.meshgrid(np.arange(2**e), np.arange(2**m), indexing="ij")
-    fraction = mantissa / 2**m
-    magnitudes = np.where(exponent == 0, fraction * 2.0 ** (1 - bias), (1 + fraction) * 2.0 ** (exponent - bias))
-    magnitudes = np.unique(magnitudes) / magnitudes.max()
-    values = np.unique(np.concatenate([-magnitudes, magnitudes])) if signed else magnitudes
-    return Code(values.astype(np.float32), f"float{bits}-e{e}m{m}{'' if signed else '-unsigned'}", bits)
-
-
-def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = None) -> Code | None:
-    """The ``family`` code (one of ``FAMILIES``) at ``bits`` bits, for data like ``sample``.
-
-    ``signed`` defaults to whether ``sample`` holds a negative value (True without a sample): non-
-    negative data such as Adam's v get the unsigned variant. ``"quantile"`` is fitted to ``sample``.
-    Returns None where the family has no such variant (``"dynamic-symmetric"`` unsigned).
-    """
-    if signed is None:
-        signed = sample is None or bool(np.any(np.asarray(sample) < 0))
-    if family == "dynamic":
-        return dynamic_code(signed, bits)
-    if family == "dynamic-symmetric":
-        return dynamic_code(True, bits, symmetric=True) if signed else None
-    if family == "linear":
-        return linear_code(bits, signed)
-    if family == "quantile":
-        if sample is None:
-            raise ValueError("the quantile code needs a sample to fit")
-        return quantile_code(sample, bits)
-    if family == "float":
-        return float_code(bits, signed=signed)
-    raise ValueError(f"unknown code family {family!r}; choose one of {FAMILIES}")
-
-
-def family_codes(bits: int = 8, families: Iterable[str] = FAMILIES) -> dict[str, Callable]:
-    """``{family: x -> Code | None}``: codes chosen per data set (signedness, quantile fit), for
-    :func:`error_table`."""
-    return {family: functools.partial(_code_for_data, family, bits) for family in families}
-
-
-def _code_for_data(family, bits, x):
-    return make_code(family, bits, sample=x)
-
-
-# --- round trips and error measures ---------------------------------------------------------------
+# --- round trips and error tables -----------------------------------------------------------------
 
 def resolve_block_size(block_size, n: int) -> int:
     """An integer block size: ``"tensor"`` -> n."""
@@ -178,51 +121,6 @@ def _kernel_threads(n: int):
         numba.set_num_threads(before)
 
 
-def _norm(a: np.ndarray) -> float:
-    # not np.linalg.norm: its multithreaded BLAS dot is slow on small vectors on a busy machine
-    return math.sqrt(float(np.einsum("i,i->", a, a)))
-
-
-def _relative_error(x, x_hat, diff):
-    norm, err = _norm(x), _norm(diff)
-    return 0.0 if err == 0 else (float(err / norm) if norm else math.inf)
-
-
-def _zero_rounding(x, x_hat, diff):
-    nonzero = x != 0
-    return float(np.mean(x_hat[nonzero] == 0)) if nonzero.any() else math.nan
-
-
-METRICS: dict[str, Callable] = {
-    "relative_error": _relative_error,  # ||x - x_hat|| / ||x||
-    "rms_error": lambda x, x_hat, diff: _norm(diff) / math.sqrt(diff.size),
-    "max_abs_error": lambda x, x_hat, diff: float(np.max(np.abs(diff))),
-    "max_relative_error": lambda x, x_hat, diff: float(np.max(np.abs(diff)) / np.max(np.abs(x)))
-    if np.any(x) else 0.0,  # largest error as a fraction of max|x|
-    "zero_rounding_fraction": _zero_rounding,  # non-zero x reconstructed as exactly 0
-}
-DEFAULT_METRICS = ("relative_error", "rms_error", "max_abs_error", "zero_rounding_fraction")
-
-
-def error_measures(x, x_hat, metrics: Iterable[str] = DEFAULT_METRICS) -> dict[str, float]:
-    """The named measures (keys of ``METRICS``) of reconstruction ``x_hat`` of ``x``, in float64."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    x_hat = np.asarray(x_hat, dtype=np.float64).reshape(-1)
-    if x.shape != x_hat.shape or x.size == 0:
-        raise ValueError(f"x ({x.size}) and x_hat ({x_hat.size}) must have the same, non-zero size")
-    diff = x - x_hat
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
-    return {m: METRICS[m](x, x_hat, diff) for m in metrics}
-
-
-def zero_rounding_fraction(x, code: Code, block_size=256) -> float:
-    """Fraction of the non-zero elements of ``x`` that quantize to exactly 0 (nan if none is non-zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return _zero_rounding(x.reshape(-1), roundtrip(x, code, block_size).reshape(-1), None)
-
-
 def _parts(x) -> list[np.ndarray]:
     """A data entry of error_table as a list of flat float32 arrays, each quantized on its own."""
     parts = list(x.values()) if isinstance(x, Mapping) else list(x) if isinstance(x, (list, tuple)) else [x]
@@ -230,17 +128,18 @@ def _parts(x) -> list[np.ndarray]:
 
 
 def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes=BLOCK_SIZES,
-                metrics: Iterable[str] = DEFAULT_METRICS) -> list[dict]:
+                measures: Iterable[str] = metrics.DEFAULT_MEASURES) -> list[dict]:
     """One row per data set x code x block size: quantize block-wise, dequantize, measure.
 
     ``data`` maps a name to an array, or to a list or dict of arrays (e.g. one optimizer state per
     parameter): each is then quantized on its own, as an optimizer does (``"tensor"`` = one block
     per array), and the measures pool all their elements. ``codes`` maps a label to a Code, or to a
     callable taking the (concatenated) data and returning a Code, or None to skip that data set
-    (e.g. :func:`family_codes`). Rows: ``data``, ``code`` (the label), ``code_name``, ``bits``,
-    ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per metric.
+    (e.g. ``quantlab.codes.family_codes``). Rows: ``data``, ``code`` (the label), ``code_name``,
+    ``bits``, ``code_values``, ``block_size`` (int or ``"tensor"``), ``n`` and one entry per measure
+    (names of ``quantlab.metrics.MEASURES``).
     """
-    metrics = tuple(metrics)
+    measures = tuple(measures)
     rows = []
     for data_name, entry in data.items():
         parts = _parts(entry)
@@ -253,15 +152,15 @@ def error_table(data: Mapping, codes: Mapping[str, Code | Callable], block_sizes
                 x_hat = np.concatenate([roundtrip(p, code, block_size) for p in parts])
                 rows.append({"data": data_name, "code": label, "code_name": code.name, "bits": code.bits,
                              "code_values": len(code), "block_size": block_size, "n": int(x.size),
-                             **error_measures(x, x_hat, metrics)})
+                             **metrics.error_measures(x, x_hat, measures)})
     return rows
 
 
 def bit_sweep(data: Mapping[str, np.ndarray], bits: Iterable[int] = BITS, families: Iterable[str] = FAMILIES,
-              block_sizes=(256,), metrics: Iterable[str] = DEFAULT_METRICS) -> list[dict]:
+              block_sizes=(256,), measures: Iterable[str] = metrics.DEFAULT_MEASURES) -> list[dict]:
     """:func:`error_table` of each code family at each bit width (``code`` = family, ``bits`` set)."""
     families = tuple(families)
-    return [row for b in bits for row in error_table(data, family_codes(b, families), block_sizes, metrics)]
+    return [row for b in bits for row in error_table(data, family_codes(b, families), block_sizes, measures)]
 
 
 def select(rows: Iterable[dict], **where) -> list[dict]:
@@ -275,16 +174,6 @@ def value(rows: Iterable[dict], column: str, **where):
     if len(found) != 1:
         raise LookupError(f"{len(found)} rows match {where}, expected exactly 1")
     return found[0][column]
-
-
-def markdown_table(rows: Iterable[dict], columns: Iterable[str], formats: Mapping[str, str] | None = None) -> str:
-    """A Markdown table of ``columns`` (floats formatted by ``formats[column]``, default ``.3g``)."""
-    columns, formats = list(columns), dict(formats or {})
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        cells = [format(r[c], formats.get(c, ".3g")) if isinstance(r[c], float) else str(r[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --- outliers -------------------------------------------------------------------------------------
@@ -342,16 +231,15 @@ def outlier_study(x, code: Code, block_sizes=(64, 256, 1024, 4096), magnitudes=(
                 hit_blocks = np.unique(np.flatnonzero(is_outlier) // b)
                 in_hit_block = np.isin(np.arange(n) // b, hit_blocks)
                 blockwise, tensorwise = roundtrip(y, code, b), roundtrip(y, code, TENSOR)
-                measure = functools.partial(error_measures, metrics=("relative_error", "zero_rounding_fraction"))
-                bw, tw = measure(x[rest], blockwise[rest]), measure(x[rest], tensorwise[rest])
+                measures = ("relative_error", "zero_rounding_fraction")
+                bw = metrics.error_measures(x[rest], blockwise[rest], measures)
+                tw = metrics.error_measures(x[rest], tensorwise[rest], measures)
                 rows.append({
                     "code": code.name, "block_size": block_size, "placement": placement, "magnitude": magnitude,
                     "outliers": int(is_outlier.sum()),
                     "blockwise_error": bw["relative_error"], "tensorwise_error": tw["relative_error"],
-                    "clean_blockwise_error": error_measures(x[rest], clean_block[rest], ("relative_error",))[
-                        "relative_error"],
-                    "clean_tensorwise_error": error_measures(x[rest], clean_tensor[rest], ("relative_error",))[
-                        "relative_error"],
+                    "clean_blockwise_error": metrics.relative_error(x[rest], clean_block[rest]),
+                    "clean_tensorwise_error": metrics.relative_error(x[rest], clean_tensor[rest]),
                     "blockwise_zero_rounding": bw["zero_rounding_fraction"],
                     "tensorwise_zero_rounding": tw["zero_rounding_fraction"],
                     "affected_fraction": float(np.mean(in_hit_block[rest])),
@@ -508,10 +396,10 @@ def adam_update_error(m, v, m_code: Code, v_code: Code, block_size=256, grad=Non
     exact, quantized = update(m, v), update(m_hat, v_hat)
     blown_up = np.abs(quantized) > 10 * np.abs(exact) + 1e-12
     v_lost = (v != 0) & (v_hat == 0)
-    return {"relative_error": error_measures(exact, quantized, ("relative_error",))["relative_error"],
+    return {"relative_error": metrics.relative_error(exact, quantized),
             "blown_up_fraction": float(np.mean(blown_up)),
             "blown_up_with_v_lost": float(np.mean(v_lost[blown_up])) if blown_up.any() else math.nan,
-            "v_zero_rounding": _zero_rounding(v, v_hat, None)}
+            "v_zero_rounding": metrics.zero_rounding_fraction(v, v_hat)}
 
 
 def update_error_table(states: AdamStates, m_code: Code, v_code: Code, block_sizes=BLOCK_SIZES,

@@ -11,8 +11,15 @@ from the values alone:
   nearest instead would send a u equal to a midpoint that rounded up to the wrong side.)
 * ``floor_points``: ``count(floor_points < u)`` is the index of the largest value <= u,
   the lower neighbour that stochastic rounding starts from.
+
+Constructors: ``dynamic_code``, ``linear_code``, ``quantile_code``, ``fp8_code`` and the minifloats
+``float_code``; ``make_code`` picks one of the ``FAMILIES`` for a given bit width and data.
 """
 from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -211,3 +218,59 @@ def fp8_code(fmt: str = "e4m3") -> Code:
         raise ValueError(f"fp8 format must be one of {sorted(_FP8_FORMATS)}, got {fmt!r}")
     finite = np.unique(_decode_fp8(fmt))
     return Code((finite / finite.max()).astype(np.float32), f"fp8-{fmt}", 8)
+
+
+def float_code(bits: int = 8, exponent_bits: int | None = None, signed: bool = True) -> Code:
+    """A minifloat code: every value of a (sign,) exponent, mantissa format with IEEE-style
+    subnormals and bias 2**(e-1) - 1, all bit patterns finite (as OCP FP4 E2M1 and FP6 E3M2), divided
+    by the largest. The default exponent width is half the magnitude bits, rounded up: E1M1, E2M1
+    (FP4), E2M2, E3M2 (FP6), E3M3, E4M3 for signed 3..8 bits. Signed 8-bit E4M3 is ``fp8_code("e4m3")``
+    itself (OCP e4m3fn, which reserves the top pattern for NaN)."""
+    bits = _check_bits(bits)
+    magnitude_bits = bits - (1 if signed else 0)
+    e = math.ceil(magnitude_bits / 2) if exponent_bits is None else int(exponent_bits)
+    if signed and bits == 8 and e == 4:
+        return fp8_code("e4m3")
+    m = magnitude_bits - e
+    if e < 1 or m < 0:
+        raise ValueError(f"{bits} bits ({'signed' if signed else 'unsigned'}) cannot hold {e} exponent bits")
+    bias = 2 ** (e - 1) - 1
+    exponent, mantissa = np.meshgrid(np.arange(2**e), np.arange(2**m), indexing="ij")
+    fraction = mantissa / 2**m
+    magnitudes = np.where(exponent == 0, fraction * 2.0 ** (1 - bias), (1 + fraction) * 2.0 ** (exponent - bias))
+    magnitudes = np.unique(magnitudes) / magnitudes.max()
+    values = np.unique(np.concatenate([-magnitudes, magnitudes])) if signed else magnitudes
+    return Code(values.astype(np.float32), f"float{bits}-e{e}m{m}{'' if signed else '-unsigned'}", bits)
+
+
+FAMILIES = ("dynamic", "dynamic-symmetric", "linear", "quantile", "float")
+
+
+def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = None) -> Code | None:
+    """The ``family`` code (one of ``FAMILIES``) at ``bits`` bits, for data like ``sample``.
+
+    ``signed`` defaults to whether ``sample`` holds a negative value (True without a sample): non-
+    negative data such as Adam's v get the unsigned variant. ``"quantile"`` is fitted to ``sample``.
+    Returns None where the family has no such variant (``"dynamic-symmetric"`` unsigned).
+    """
+    if signed is None:
+        signed = sample is None or bool(np.any(np.asarray(sample) < 0))
+    if family == "dynamic":
+        return dynamic_code(signed, bits)
+    if family == "dynamic-symmetric":
+        return dynamic_code(True, bits, symmetric=True) if signed else None
+    if family == "linear":
+        return linear_code(bits, signed)
+    if family == "quantile":
+        if sample is None:
+            raise ValueError("the quantile code needs a sample to fit")
+        return quantile_code(sample, bits)
+    if family == "float":
+        return float_code(bits, signed=signed)
+    raise ValueError(f"unknown code family {family!r}; choose one of {FAMILIES}")
+
+
+def family_codes(bits: int = 8, families: Iterable[str] = FAMILIES) -> dict[str, Callable]:
+    """``{family: sample -> make_code(family, bits, sample)}``: each family's code chosen for the data
+    it will quantize (signedness, quantile fit), as ``quantlab.analysis.error_table`` takes codes."""
+    return {family: functools.partial(make_code, family, bits) for family in families}

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from quantlab import analysis as A
-from quantlab import dynamic_code, fp8_code, linear_code
+from quantlab import dynamic_code, linear_code, metrics
+from quantlab.codes import FAMILIES, family_codes
 
 
-# --- data and codes ---------------------------------------------------------------------------------
+# --- data ---------------------------------------------------------------------------------------
 
 def test_sample_data_is_reproducible_and_shaped():
     for name in A.DATA:
@@ -39,48 +40,7 @@ def test_adam_generator_is_shared_with_the_quantization_report():
     assert np.any(A.adam_moments(2048)[0])
 
 
-def test_float_code_known_formats():
-    fp4 = A.float_code(4)  # OCP FP4 E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives
-    magnitudes = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
-    assert fp4.name == "float4-e2m1"
-    assert np.array_equal(fp4.values, np.unique(np.concatenate([-magnitudes, magnitudes])).astype(np.float32))
-    assert A.float_code(8) == fp8_code("e4m3")
-    assert len(A.float_code(6)) == 63  # E3M2: 32 magnitudes, +-0 merged
-    unsigned = A.float_code(8, signed=False)  # E4M4, no sign bit: 256 distinct values
-    assert unsigned.name == "float8-e4m4-unsigned" and len(unsigned) == 256 and unsigned.values[0] == 0
-    with pytest.raises(ValueError, match="exponent bits"):
-        A.float_code(4, exponent_bits=4)
-
-
-def test_make_code_picks_signedness_from_the_data():
-    v = A.sample_data("adam_v", 4096)
-    m = A.sample_data("adam_m", 4096)
-    assert A.make_code("dynamic", 8, v) == dynamic_code(signed=False)
-    assert A.make_code("dynamic", 8, m) == dynamic_code(signed=True)
-    assert A.make_code("dynamic-symmetric", 8, v) is None
-    assert A.make_code("linear", 5, m) == linear_code(5, signed=True)
-    assert A.make_code("float", 4, v).name == "float4-e2m2-unsigned"
-    assert A.make_code("quantile", 4, m).bits == 4
-    with pytest.raises(ValueError, match="needs a sample"):
-        A.make_code("quantile", 8)
-    with pytest.raises(ValueError, match="unknown code family"):
-        A.make_code("nf4")
-
-
-# --- error measures and tables ------------------------------------------------------------------------
-
-def test_error_measures_worked_example():
-    x, x_hat = np.array([3.0, -4.0, 1e-3, 0.0]), np.array([2.0, -2.0, 0.0, 0.0])
-    got = A.error_measures(x, x_hat, A.METRICS)
-    # errors (1, -2, 1e-3, 0)
-    assert got["relative_error"] == pytest.approx(math.sqrt(5 + 1e-6) / math.sqrt(25 + 1e-6), rel=1e-12)
-    assert got["rms_error"] == pytest.approx(math.sqrt((5 + 1e-6) / 4), rel=1e-12)
-    assert got["max_abs_error"] == 2.0
-    assert got["max_relative_error"] == 0.5
-    assert got["zero_rounding_fraction"] == pytest.approx(1 / 3)  # 1e-3 of the three non-zeros
-    with pytest.raises(ValueError, match="unknown metrics"):
-        A.error_measures(x, x_hat, ["psnr"])
-
+# --- error tables --------------------------------------------------------------------------------------
 
 def test_a_code_holding_every_value_of_the_data_is_exact():
     code = linear_code(4)
@@ -94,10 +54,10 @@ def test_a_code_holding_every_value_of_the_data_is_exact():
 
 def test_tensor_block_is_one_block_of_n():
     x = A.sample_data("t2", 3000)
-    rows = A.error_table({"x": x}, A.family_codes(6), [3000, "tensor", 5000])
-    for code in A.FAMILIES:
+    rows = A.error_table({"x": x}, family_codes(6), [3000, "tensor", 5000])
+    for code in FAMILIES:
         n_block, tensor, bigger = A.select(rows, code=code)
-        for key in A.DEFAULT_METRICS:
+        for key in metrics.DEFAULT_MEASURES:
             assert n_block[key] == tensor[key] == bigger[key]
     assert {r["block_size"] for r in rows} == {3000, "tensor", 5000}
 
@@ -121,19 +81,20 @@ def test_error_table_quantizes_each_part_on_its_own():
     code = linear_code(8)
     pooled = A.error_table({"states": {"a": small, "b": large}}, {"c": code}, ["tensor"])[0]
     by_hand = np.concatenate([A.roundtrip(small, code, "tensor"), A.roundtrip(large, code, "tensor")])
-    expected = A.error_measures(np.concatenate([small, large]), by_hand)
+    expected = metrics.error_measures(np.concatenate([small, large]), by_hand)
     assert pooled["n"] == 1500
-    for key in A.DEFAULT_METRICS:
+    for key in metrics.DEFAULT_MEASURES:
         assert pooled[key] == expected[key]
     one_tensor = A.error_table({"states": np.concatenate([small, large])}, {"c": code}, ["tensor"])[0]
     assert one_tensor["zero_rounding_fraction"] > 0.5 > pooled["zero_rounding_fraction"]
 
 
-def test_zero_rounding_fraction_of_a_tiny_value():
+def test_a_tiny_value_rounds_to_zero_tensor_wise_but_not_in_its_own_block():
     x = np.array([1.0, 1e-9, 0.0, 0.5], np.float32)
-    assert A.zero_rounding_fraction(x, dynamic_code(), "tensor") == pytest.approx(1 / 3)
-    assert A.zero_rounding_fraction(x, dynamic_code(), 1) == 0  # each value its own absmax: exact
-    assert math.isnan(A.zero_rounding_fraction(np.zeros(4, np.float32), dynamic_code(), 2))
+    assert metrics.zero_rounding_fraction(x, A.roundtrip(x, dynamic_code(), "tensor")) == pytest.approx(1 / 3)
+    assert metrics.zero_rounding_fraction(x, A.roundtrip(x, dynamic_code(), 1)) == 0  # own absmax: exact
+    zeros = np.zeros(4, np.float32)
+    assert math.isnan(metrics.zero_rounding_fraction(zeros, A.roundtrip(zeros, dynamic_code(), 2)))
 
 
 def test_bit_sweep_error_falls_with_every_bit():
@@ -143,14 +104,13 @@ def test_bit_sweep_error_falls_with_every_bit():
         assert len(errors) == 6 and all(a > b for a, b in zip(errors, errors[1:]))
 
 
-def test_select_value_and_markdown():
+def test_select_and_value():
     rows = [{"a": 1, "b": 0.5}, {"a": 2, "b": 0.25}]
     assert A.value(rows, "b", a=2) == 0.25
     with pytest.raises(LookupError):
         A.value(rows, "b", a=3)
     with pytest.raises(LookupError):
         A.value(rows + rows, "b", a=1)
-    assert A.markdown_table(rows, ["a", "b"], {"b": ".1%"}).splitlines()[-1] == "| 2 | 25.0% |"
 
 
 # --- outliers -------------------------------------------------------------------------------------------

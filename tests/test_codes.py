@@ -7,7 +7,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from quantlab.codes import MAX_BITS, MIN_BITS, Code, dynamic_code, fp8_code, linear_code, quantile_code
+from quantlab.codes import (FAMILIES, MAX_BITS, MIN_BITS, Code, dynamic_code, family_codes, float_code, fp8_code,
+                            linear_code, make_code, quantile_code)
 
 BITS = range(MIN_BITS, MAX_BITS + 1)
 
@@ -26,6 +27,9 @@ CASES = (
     + [(f"linear{b}-signed", linear_code(b, signed=True), 2**b - 1) for b in BITS]
     + [(f"linear{b}-unsigned", linear_code(b, signed=False), 2**b) for b in BITS]
     + [("fp8-e4m3", fp8_code("e4m3"), 253), ("fp8-e5m2", fp8_code("e5m2"), 247)]
+    # 2**(bits-1) magnitudes and their negatives, +-0 merged; signed 8-bit is fp8 e4m3 (NaN pattern reserved)
+    + [(f"float{b}-signed", float_code(b), 2**b - 1 if b < 8 else 253) for b in BITS]
+    + [(f"float{b}-unsigned", float_code(b, signed=False), 2**b) for b in BITS]
     # A continuous sample has 2**bits distinct quantiles, none of them merged.
     + [(f"quantile{b}-{s}", quantile_code(SAMPLES[s], b), 2**b) for s in SAMPLES for b in BITS]
 )
@@ -119,7 +123,7 @@ def test_symmetric_requires_signed():
 @pytest.mark.parametrize("bad", [1, 9, 0, -8, 2.5, True, "8", None])
 def test_code_factories_reject_bad_bits(bad):
     for factory in (lambda: dynamic_code(True, bad), lambda: linear_code(bad),
-                    lambda: quantile_code(SAMPLES["normal"], bad)):
+                    lambda: quantile_code(SAMPLES["normal"], bad), lambda: float_code(bad)):
         with pytest.raises(ValueError, match="bits"):
             factory()
 
@@ -127,6 +131,46 @@ def test_code_factories_reject_bad_bits(bad):
 def test_fp8_rejects_unknown_format():
     with pytest.raises(ValueError, match="fp8 format"):
         fp8_code("e3m4")
+
+
+# --- minifloats and code families ---------------------------------------------------------------
+
+def test_float_code_known_formats():
+    fp4 = float_code(4)  # OCP FP4 E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives
+    magnitudes = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
+    assert fp4.name == "float4-e2m1"
+    assert np.array_equal(fp4.values, np.unique(np.concatenate([-magnitudes, magnitudes])).astype(np.float32))
+    assert float_code(8) == fp8_code("e4m3")
+    assert len(float_code(6)) == 63  # E3M2: 32 magnitudes, +-0 merged
+    unsigned = float_code(8, signed=False)  # E4M4, no sign bit: 256 distinct values
+    assert unsigned.name == "float8-e4m4-unsigned" and len(unsigned) == 256 and unsigned.values[0] == 0
+    with pytest.raises(ValueError, match="exponent bits"):
+        float_code(4, exponent_bits=4)
+
+
+def test_make_code_picks_signedness_from_the_data():
+    v = SAMPLES["nonneg"]  # non-negative, as Adam's v
+    m = SAMPLES["heavy"]
+    assert make_code("dynamic", 8, v) == dynamic_code(signed=False)
+    assert make_code("dynamic", 8, m) == dynamic_code(signed=True)
+    assert make_code("dynamic-symmetric", 8, v) is None
+    assert make_code("linear", 5, m) == linear_code(5, signed=True)
+    assert make_code("float", 4, v).name == "float4-e2m2-unsigned"
+    assert make_code("quantile", 4, m).bits == 4
+    with pytest.raises(ValueError, match="needs a sample"):
+        make_code("quantile", 8)
+    with pytest.raises(ValueError, match="unknown code family"):
+        make_code("nf4")
+
+
+def test_family_codes_choose_each_code_for_the_data():
+    v, m = SAMPLES["nonneg"], SAMPLES["heavy"]
+    choose = family_codes(6)
+    assert tuple(choose) == FAMILIES
+    for family, code_for in choose.items():
+        assert code_for(v) == make_code(family, 6, v) and code_for(m) == make_code(family, 6, m)
+    assert choose["quantile"](v) == quantile_code(v, 6) != choose["quantile"](m)
+    assert list(family_codes(3, ["linear"])) == ["linear"]
 
 
 # --- immutability, equality, hashing, pickling -------------------------------------------------

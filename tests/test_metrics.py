@@ -1,6 +1,7 @@
 """Tests for quantlab.metrics on small examples worked out from the formulas."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -45,6 +46,46 @@ def test_measures_are_computed_in_float64_and_flatten():
     assert metrics.mean_absolute_error(x, x_hat) == 2.0**-20
     assert metrics.rms_error(x, x_hat) == 2.0**-20
     assert isinstance(metrics.rms_error(x, x_hat), float)
+
+
+def test_max_errors_by_hand():
+    x, x_hat = np.array([3.0, -4.0, 0.5]), np.array([2.0, -2.5, 0.5])
+    # errors (1, -1.5, 0): max |e| = 1.5, max |x| = 4
+    assert metrics.max_abs_error(x, x_hat) == 1.5
+    assert metrics.max_relative_error(x, x_hat) == 1.5 / 4
+    assert metrics.max_relative_error(x, x) == 0.0
+    # max |x| = 0: 0 when x_hat is 0 too, inf otherwise (as relative_error)
+    assert metrics.max_relative_error([0.0, 0.0], [-0.0, 0.0]) == 0.0
+    assert metrics.max_relative_error([0.0, 0.0], [0.0, 1e-30]) == math.inf
+
+
+def test_error_measures_worked_example():
+    x, x_hat = np.array([3.0, -4.0, 1e-3, 0.0]), np.array([2.0, -2.0, 0.0, 0.0])
+    got = metrics.error_measures(x, x_hat, metrics.MEASURES)
+    assert list(got) == list(metrics.MEASURES)
+    # errors (1, -2, 1e-3, 0)
+    assert got["mean_absolute_error"] == pytest.approx((3 + 1e-3) / 4, rel=1e-12)
+    assert got["relative_error"] == pytest.approx(math.sqrt(5 + 1e-6) / math.sqrt(25 + 1e-6), rel=1e-12)
+    assert got["rms_error"] == pytest.approx(math.sqrt((5 + 1e-6) / 4), rel=1e-12)
+    assert got["max_abs_error"] == 2.0
+    assert got["max_relative_error"] == 0.5
+    assert got["zero_rounding_fraction"] == pytest.approx(1 / 3)  # 1e-3 of the three non-zeros
+    with pytest.raises(ValueError, match="unknown error measures"):
+        metrics.error_measures(x, x_hat, ["psnr"])
+
+
+def test_error_measures_equal_the_single_measures():
+    rng = np.random.default_rng(7)
+    x = rng.standard_t(3, 999).astype(np.float32)
+    x_hat = np.where(np.abs(x) < 0.1, 0, x + rng.standard_normal(999).astype(np.float32) * 0.01)
+    got = metrics.error_measures(x, x_hat, metrics.MEASURES)
+    for name in metrics.MEASURES:
+        measure = getattr(metrics, name)
+        assert list(inspect.signature(measure).parameters) == ["x", "x_hat"], name
+        assert got[name] == measure(x, x_hat), name
+    assert 0 < got["zero_rounding_fraction"] < 1
+    assert metrics.error_measures(x, x_hat) == {name: got[name] for name in metrics.DEFAULT_MEASURES}
+    assert metrics.error_measures(x, x_hat, ["rms_error"]) == {"rms_error": got["rms_error"]}
 
 
 def per_block_rms_loop(x, x_hat, block_size):
@@ -139,9 +180,8 @@ def test_blockwise_error_summary_is_consistent_with_the_measures():
     assert summary["max_block_rms_error"] >= summary["rms_error"] * (1 - 1e-12)
 
 
-@pytest.mark.parametrize("fn", [metrics.mean_absolute_error, metrics.rms_error, metrics.relative_error,
-                                metrics.zero_rounding_fraction,
-                                lambda x, y: metrics.per_block_rms_error(x, y, 2)])
+@pytest.mark.parametrize("fn", [getattr(metrics, name) for name in metrics.MEASURES]
+                         + [metrics.error_measures, lambda x, y: metrics.per_block_rms_error(x, y, 2)])
 def test_shape_mismatch_and_empty_are_rejected(fn):
     with pytest.raises(ValueError, match="elements"):
         fn([1.0, 2.0, 3.0], [1.0, 2.0])
