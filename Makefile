@@ -37,7 +37,7 @@ bench: install-dev
 figures: install-demo
 	$(PYTHON) -m paper_figs
 
-# issue 6's recorded experiments (hours on 2 cores; resumable), filed under paper_figs/results/
+# the recorded experiments (hours on 2 cores; resumable), filed under paper_figs/results/
 SSL_PROTOCOLS = five-methods medical-mae pass
 ssl-protocols: install-demo
 	for protocol in $(SSL_PROTOCOLS); do $(PYTHON) -m experiments.studies.protocols $$protocol --out results/ssl || exit 1; done

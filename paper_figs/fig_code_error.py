@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantlab.tables import markdown_table
+
 from .common import Skip, environment_line, load, pyplot, run_one, save_figure, save_text
 
 RECORD = "python -m paper_figs.record_code_error"
@@ -46,16 +48,17 @@ def make(results: Path, out: Path) -> list[Path]:
     png = save_figure(fig, Path(out) / "fig_code_error.png")
 
     lines = [f"Relative L2 error of 8-bit codes (share of non-zero values returned as 0), "
-             f"{result['n']:,} values per data set; blocks of 256 / one block per tensor.", "",
-             "| data | code | code name | blocks of 256 | tensor-wise |", "|---|---|---|---:|---:|"]
+             f"{result['n']:,} values per data set; blocks of 256 / one block per tensor.", ""]
+    table = []
     for name in names:
         for family in families:
             cells = {r["block_size"]: r for r in _select(by_block, data=name, code=family)}
             if 256 in cells and "tensor" in cells:
-                a, b = cells[256], cells["tensor"]
-                lines.append(f"| {name} | {family} | {a['code_name']} | {a['relative_error']:.2e} "
-                             f"({a['zero_rounding_fraction']:.1%}) | {b['relative_error']:.2e} "
-                             f"({b['zero_rounding_fraction']:.1%}) |")
+                table.append({"data": name, "code": family, "code name": cells[256]["code_name"],
+                              **{label: f"{cells[b]['relative_error']:.2e} ({cells[b]['zero_rounding_fraction']:.1%})"
+                                 for label, b in (("blocks of 256", 256), ("tensor-wise", "tensor"))}})
+    lines.append(markdown_table(table, ["data", "code", "code name", "blocks of 256", "tensor-wise"],
+                                align={"blocks of 256": "right", "tensor-wise": "right"}))
     lines += ["", f"Source: paper_figs/results/code_error.json (`{RECORD}`). "
               + environment_line(result.get("environment"))]
     return [png, save_text("\n".join(lines), Path(out) / "fig_code_error.md")]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantlab.tables import markdown_table
+
 from .common import Skip, environment_line, load, pyplot, run_one, save_figure, save_text
 
 RECORD = "python -m experiments.bench.quantize --out results/bench_quantize; cp results/bench_quantize/cpu.json " \
@@ -42,12 +44,12 @@ def make(results: Path, out: Path) -> list[Path]:
     fig.tight_layout()
     png = save_figure(fig, Path(out) / "fig_quantize_speed.png")
 
+    table = [{"implementation": impl, **{str(b): by[impl, b]["round_trip_per_s"] / 1e6 for b in block_sizes
+                                         if (impl, b) in by}} for impl in impls]
     lines = ["Round-trip (quantize + dequantize) throughput, million values per second.", "",
-             "| implementation | " + " | ".join(str(b) for b in block_sizes) + " |",
-             "|---|" + "---:|" * len(block_sizes)]
-    for impl in impls:
-        cells = [f"{by[impl, b]['round_trip_per_s'] / 1e6:.0f}" if (impl, b) in by else "-" for b in block_sizes]
-        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+             markdown_table(table, ["implementation", *map(str, block_sizes)],
+                            formats=dict.fromkeys(map(str, block_sizes), ".0f"),
+                            align=dict.fromkeys(map(str, block_sizes), "right"))]
     lines += ["", "Source: paper_figs/results/bench_quantize_cpu.json. " + environment_line(env)]
     return [png, save_text("\n".join(lines), Path(out) / "fig_quantize_speed.md")]
 

@@ -3,7 +3,7 @@
 Reads every results/ssl_*.json; skipped (with a message) while there is none. A protocol's record
 (``python -m experiments.studies.protocols``, filed by ``python -m paper_figs.record_ssl``: "variants", each
 a sweep's rows and command) is one table with the variant beside the method; a sweep's record
-(``python -m experiments.sweep``: "rows" of medians and a "command") is shown as the sweep prints
+(``python -m experiments.studies.sweep``: "rows" of medians and a "command") is shown as the sweep prints
 it, with the command that reproduces it; any other file is either ``{"rows": [{column: value, ...},
 ...], ...}`` or one flat ``{column: value}`` row, whose scalar columns are tabulated in first-seen
 order. One section per file, in out/table_ssl.md.
@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from experiments.studies import sweep
+from quantlab.tables import markdown_table
 
 from .common import Skip, run_one, save_text
 
@@ -21,12 +22,6 @@ from .common import Skip, run_one, save_text
 def _rows(result) -> list[dict]:
     rows = result.get("rows") if isinstance(result, dict) and "rows" in result else [result]
     return [r for r in rows if isinstance(r, dict)]
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def protocol_section(name: str, record: dict) -> str:
@@ -44,12 +39,10 @@ def untrained_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     keys = sweep.metric_keys(rows)
-    lines = ["| untrained backbone | seeds | " + " | ".join(map(sweep.metric_header, keys)) + " |",
-             "|---|---:|" + "---:|" * len(keys)]
-    lines += [f"| {row['backbone']} | {row['seeds']} | "
-              + " | ".join(f"{100 * row[k]:.1f} ± {100 * row[k + '_spread'] / 2:.1f}" for k in keys) + " |"
-              for row in rows]
-    return "\nThe same backbones untrained (initialised as the runs; medians over seeds):\n\n" + "\n".join(lines) + "\n"
+    cells = [{**row, **{k: f"{100 * row[k]:.1f} ± {100 * row[k + '_spread'] / 2:.1f}" for k in keys}} for row in rows]
+    table = markdown_table(cells, ["backbone", "seeds", *keys], align=dict.fromkeys(keys, "right"),
+                           headers={"backbone": "untrained backbone", **{k: sweep.metric_header(k) for k in keys}})
+    return "\nThe same backbones untrained (initialised as the runs; medians over seeds):\n\n" + table + "\n"
 
 
 def make(results: Path, out: Path) -> list[Path]:
@@ -67,7 +60,8 @@ def make(results: Path, out: Path) -> list[Path]:
             baseline = "" if untrained is None else (
                 f"\nUntrained backbone ({untrained['what']}): k-NN {100 * untrained['knn_accuracy_median']:.1f} %, "
                 f"linear probe {100 * untrained['linear_accuracy_median']:.1f} % (medians).\n")
-            sections.append(f"### {path.name}\n\n{result.get('what', '')}\n\n{sweep.markdown(result['rows'])}{baseline}\n"
+            sections.append(f"### {path.name}\n\n{result.get('what', '')}\n\n"
+                            f"{sweep.markdown(result['rows'])}{baseline}\n"
                             f"Reproduce: `{result['command']}`")
             continue
         rows = _rows(result)
@@ -76,9 +70,8 @@ def make(results: Path, out: Path) -> list[Path]:
         if not rows or not columns:
             sections.append(f"### {path.name}\n\n(no tabular rows)")
             continue
-        lines = [f"### {path.name}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-        sections.append("\n".join(lines))
+        four_digits = dict.fromkeys(columns, lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+        sections.append(f"### {path.name}\n\n" + markdown_table(rows, columns, formats=four_digits))
     return [save_text("\n\n".join(sections), Path(out) / "table_ssl.md")]
 
 

@@ -2,7 +2,7 @@
 
 Fast backends (``quantlab.kernels``) must agree with these functions bit for bit.
 
-Rounding rule (DESIGN.md section 2, with decision points rounded down; see ``quantlab.codes``):
+Rounding rule (docs/design.md section 2, with decision points rounded down; see ``quantlab.codes``):
 u = x / absmax in IEEE float32; the index is the number of ``code.midpoints`` strictly below u,
 i.e. the nearest code value, ties to the lower index. A block with absmax 0 stores absmax 0 and
 the index of 0.0. Dequantization is ``code.values[q] * absmax`` in float32.

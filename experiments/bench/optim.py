@@ -27,6 +27,7 @@ import torch
 
 import quantlab.optim as qo
 from quantlab.provenance import environment
+from quantlab.tables import markdown_table
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -165,18 +166,25 @@ def nonfinite_check_cost(make_params, repeats: int) -> dict:
 
 
 def table(rows) -> str:
-    lines = ["| parameters | optimizer | ms / step | vs torch fused | vs bitsandbytes 8-bit | state B/param "
-             "| peak extra B/param during step |", "|---|---|---:|---:|---:|---:|---:|"]
+    """Per case, each optimizer's step time, its speed relative to torch's fused Adam and to
+    bitsandbytes' Adam8bit measured in the same run, and its memory."""
+    lines = []
     for case in dict.fromkeys(r["case"] for r in rows):
         by = {r["optimizer"]: r for r in rows if r["case"] == case}
         fused, bnb = by.get("torch Adam (fused)"), by.get("bitsandbytes Adam8bit")
         for name, r in by.items():
-            vs_fused = f"{fused['ms_per_step'] / r['ms_per_step']:.2f}x" if fused else "-"
-            vs_bnb = f"{bnb['ms_per_step'] / r['ms_per_step']:.1f}x" if bnb else "-"
-            lines.append(f"| {case} ({r['params'] / 1e6:.1f} M) | {name} | {r['ms_per_step']:.1f} | {vs_fused} | "
-                         f"{vs_bnb} | {r['state_bytes_per_param']:.2f} | {r['peak_extra_bytes_per_param']:.2f} |")
-    lines.append("\n'vs' columns: how many times faster than that optimizer (above 1 = faster).")
-    return "\n".join(lines)
+            lines.append({**r, "parameters": f"{case} ({r['params'] / 1e6:.1f} M)",
+                          "vs_fused": f"{fused['ms_per_step'] / r['ms_per_step']:.2f}x" if fused else "-",
+                          "vs_bnb": f"{bnb['ms_per_step'] / r['ms_per_step']:.1f}x" if bnb else "-"})
+    text = markdown_table(
+        lines, ["parameters", "optimizer", "ms_per_step", "vs_fused", "vs_bnb", "state_bytes_per_param",
+                "peak_extra_bytes_per_param"],
+        formats={"ms_per_step": ".1f", "state_bytes_per_param": ".2f", "peak_extra_bytes_per_param": ".2f"},
+        headers={"ms_per_step": "ms / step", "vs_fused": "vs torch fused", "vs_bnb": "vs bitsandbytes 8-bit",
+                 "state_bytes_per_param": "state B/param",
+                 "peak_extra_bytes_per_param": "peak extra B/param during step"},
+        align={"vs_fused": "right", "vs_bnb": "right"})
+    return text + "\n\n'vs' columns: how many times faster than that optimizer (above 1 = faster)."
 
 
 def main(argv=None):
@@ -214,7 +222,8 @@ def main(argv=None):
         for case, c in checks.items())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optim.json").write_text(json.dumps({"environment": env, "rows": rows, "nonfinite_check": checks}, indent=2))
+    record = {"environment": env, "rows": rows, "nonfinite_check": checks}
+    (args.out / "optim.json").write_text(json.dumps(record, indent=2))
     (args.out / "optim.md").write_text(f"environment: {json.dumps(env)}\n\n{text}\n")
     print(f"saved {args.out}/optim.json and optim.md")
     return rows

@@ -20,6 +20,7 @@ import numpy as np
 from quantlab import kernels, reference
 from quantlab.codes import dynamic_code
 from quantlab.provenance import environment
+from quantlab.tables import markdown_table
 
 ROUND_TRIP_BYTES = 10  # per element: quantize reads 4, writes 1; dequantize reads 1, writes 4
 
@@ -147,26 +148,31 @@ def ratio_table(result: dict, device: str) -> str:
     def ratio(r, other, key):
         return f"{r[key] / other[key]:.1f}x" if other else "-"
 
-    def row(ours, block_size, r):
-        b, ref = by.get((f"bitsandbytes {device}", block_size)), by.get(("reference (numpy)", block_size))
-        cells = [ours, str(block_size), f"{r['quantize_per_s'] / 1e6:.0f}", f"{r['dequantize_per_s'] / 1e6:.0f}",
-                 f"{r['round_trip_per_s'] / 1e6:.0f}", ratio(r, b, "quantize_per_s"),
-                 ratio(r, b, "dequantize_per_s"), ratio(r, ref, "round_trip_per_s"),
-                 f"{(1 / r['round_trip_per_s']) / copy_seconds_per_element:.2f}"]
-        return "| " + " | ".join(cells) + " |"
-
-    lines = ["| quantlab | block | quantize M/s | dequantize M/s | round trip M/s | quantize vs bnb "
-             "| dequantize vs bnb | round trip vs reference | round-trip time / copy time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    block_sizes = sorted({b for _, b in by})
+    rows = []
     for ours in sorted({impl for impl, _ in by if impl.startswith("quantlab")}):
-        for block_size in block_sizes:
+        for block_size in sorted({b for _, b in by}):
             r = by.get((ours, block_size))
-            if r is not None:
-                lines.append(row(ours, block_size, r))
+            if r is None:
+                continue
+            bnb, ref = by.get((f"bitsandbytes {device}", block_size)), by.get(("reference (numpy)", block_size))
+            rows.append({**r, "impl": ours, "quantize_vs_bnb": ratio(r, bnb, "quantize_per_s"),
+                         "dequantize_vs_bnb": ratio(r, bnb, "dequantize_per_s"),
+                         "round_trip_vs_reference": ratio(r, ref, "round_trip_per_s"),
+                         "vs_copy": (1 / r["round_trip_per_s"]) / copy_seconds_per_element})
+    per_million = "{:.0f}".format
+    text = markdown_table(
+        rows, ["impl", "block_size", "quantize_per_s", "dequantize_per_s", "round_trip_per_s", "quantize_vs_bnb",
+               "dequantize_vs_bnb", "round_trip_vs_reference", "vs_copy"],
+        formats={"block_size": str, **{key: (lambda v: per_million(v / 1e6)) for key in
+                                       ("quantize_per_s", "dequantize_per_s", "round_trip_per_s")},
+                 "vs_copy": ".2f"},
+        headers={"impl": "quantlab", "block_size": "block", "quantize_per_s": "quantize M/s",
+                 "dequantize_per_s": "dequantize M/s", "round_trip_per_s": "round trip M/s",
+                 "quantize_vs_bnb": "quantize vs bnb", "dequantize_vs_bnb": "dequantize vs bnb",
+                 "round_trip_vs_reference": "round trip vs reference", "vs_copy": "round-trip time / copy time"},
+        align={key: "right" for key in ("quantize_vs_bnb", "dequantize_vs_bnb", "round_trip_vs_reference")})
     copies = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in result["copy_bytes_per_s"].items())
-    lines.append(f"\nMemory copy (read + write bytes counted): {copies}.")
-    return "\n".join(lines)
+    return text + f"\n\nMemory copy (read + write bytes counted): {copies}."
 
 
 def main(argv=None) -> dict:

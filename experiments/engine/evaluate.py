@@ -10,8 +10,14 @@ from experiments.data import load_dataset
 from experiments.engine.checkpoint import load_checkpoint
 from experiments.engine.config import RunConfig
 from experiments.engine.run import build_method, fixed_subset, use_threads
-from experiments.eval import (extract_features, fine_tune, fine_tune_multilabel, knn_accuracy, linear_probe,
-                              linear_probe_multilabel)
+from experiments.eval import (
+    extract_features,
+    fine_tune,
+    fine_tune_multilabel,
+    knn_accuracy,
+    linear_probe,
+    linear_probe_multilabel,
+)
 from experiments.models.vit import VisionTransformer
 
 

@@ -30,18 +30,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import quantlab.optim
-from quantlab.provenance import environment
-
 from experiments import distributed
 from experiments.data import ImageDataset, load_dataset
-from experiments.engine.checkpoint import (check_resumable, load_checkpoint, local_optimizer, remove_stale_temporaries,
-                                           save_atomically, whole_optimizer_state)
+from experiments.engine.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    local_optimizer,
+    remove_stale_temporaries,
+    save_atomically,
+    whole_optimizer_state,
+)
 from experiments.engine.config import RunConfig
 from experiments.engine.loop import train_one_epoch
 from experiments.engine.optimizer import make_optimizer
 from experiments.engine.progress import Progress
 from experiments.methods import make_method
 from experiments.models import make_backbone
+from quantlab.provenance import environment
 
 PHASES = ("data_s", "model_s", "optimizer_s")  # data + augmentation, forward + backward, optimizer step
 

@@ -19,8 +19,12 @@ from torch import nn
 from experiments.data.augment import AugmentConfig
 from experiments.distributed import gather_from_ranks
 from experiments.methods.base import SSLMethod
-from experiments.methods.multicrop import (check_views_of_scores, cross_entropy_between_views, encode_multi_crop,
-                                           multi_crop_for)
+from experiments.methods.multicrop import (
+    check_views_of_scores,
+    cross_entropy_between_views,
+    encode_multi_crop,
+    multi_crop_for,
+)
 
 
 def dino_loss(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor], center: torch.Tensor,

@@ -72,7 +72,7 @@ class MAE(SSLMethod):
     def __init__(self, backbone: nn.Module, feature_dim: int, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4):
         if not isinstance(backbone, VisionTransformer):
-            raise ValueError(f"MAE needs the experiments.backbones VisionTransformer (vit-tiny) as backbone, "
+            raise ValueError(f"MAE needs the experiments.models VisionTransformer (vit-tiny) as backbone, "
                              f"got {type(backbone).__name__}")
         if feature_dim != backbone.feature_dim:
             raise ValueError(f"feature_dim {feature_dim} is not the ViT's width {backbone.feature_dim}")

@@ -17,8 +17,12 @@ from torch import nn
 from experiments.data.augment import AugmentConfig
 from experiments.distributed import gather_from_ranks, own_rows
 from experiments.methods.base import SSLMethod
-from experiments.methods.multicrop import (check_views_of_scores, cross_entropy_between_views, encode_multi_crop,
-                                           multi_crop_for)
+from experiments.methods.multicrop import (
+    check_views_of_scores,
+    cross_entropy_between_views,
+    encode_multi_crop,
+    multi_crop_for,
+)
 
 
 @torch.no_grad()

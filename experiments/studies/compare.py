@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from experiments.engine.evaluate import load_run_config
+from quantlab.tables import markdown_table as markdown
 
 
 def run_row(run_dir: Path) -> dict:
@@ -23,18 +24,17 @@ def run_row(run_dir: Path) -> dict:
             "optimizer_ms_per_step": split["optimizer_s"]["median_ms"], "wall_s": summary["elapsed_s"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def percent(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
+COLUMNS = {"run": "run", "method": "method", "optimizer": "optimizer", "state_bits": "state bits",
+           "knn_accuracy": "kNN", "linear_accuracy": "linear", "final_loss": "final loss",
+           "optimizer_state_bytes": "optimizer state", "data_ms_per_step": "data ms/step",
+           "model_ms_per_step": "model ms/step", "optimizer_ms_per_step": "optimizer ms/step", "wall_s": "wall s"}
 
-    lines = ["| run | method | optimizer | state bits | kNN | linear | final loss | optimizer state | "
-             "data ms/step | model ms/step | optimizer ms/step | wall s |", "|" + "---|" * 12]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['state_bits']} | "
-                     f"{percent(r['knn_accuracy'])} | {percent(r['linear_accuracy'])} | {r['final_loss']:.3f} | "
-                     f"{r['optimizer_state_bytes'] / 2**10:.0f} KiB | {r['data_ms_per_step']:.0f} | "
-                     f"{r['model_ms_per_step']:.0f} | {r['optimizer_ms_per_step']:.1f} | {r['wall_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+
+def markdown_table(rows: list[dict]) -> str:
+    return markdown(rows, list(COLUMNS), headers=COLUMNS, formats={
+        "knn_accuracy": ".1%", "linear_accuracy": ".1%", "final_loss": ".3f",
+        "optimizer_state_bytes": lambda b: f"{b / 2**10:.0f} KiB", "data_ms_per_step": ".0f",
+        "model_ms_per_step": ".0f", "optimizer_ms_per_step": ".1f", "wall_s": ".0f"}) + "\n"
 
 
 def plot_loss_curves(run_dirs: list[Path], path: Path) -> None:

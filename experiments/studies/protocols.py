@@ -69,7 +69,8 @@ PROTOCOLS = {
              "k-NN and linear probe on Fashion-MNIST (subset), MNIST and animal-mnist (at most 10000 train "
              "and test images each); medians over 3 seeds.",
         variants=variants_of(
-            Sweep(methods=("moco",), optimizers=("fp32", "8bit"), seeds=(0, 1, 2), settings={**RECIPE, "eval_subset": 10000},
+            Sweep(methods=("moco",), optimizers=("fp32", "8bit"), seeds=(0, 1, 2),
+                  settings={**RECIPE, "eval_subset": 10000},
                   eval_datasets=("fashion-mnist-subset", "mnist", "animal-mnist")),
             {"pretrain-procedural": {"dataset": "procedural"}, "pretrain-fashion-mnist": {}})),
 }

@@ -21,6 +21,7 @@ import numpy as np
 
 from quantlab import dynamic_code, fp8_code, linear_code, metrics, quantile_code
 from quantlab.analysis import adam_moments  # the Adam-state generator, shared with the notebooks
+from quantlab.tables import markdown_table
 
 N = 2**18
 BLOCK_SIZES = [64, 256, 1024, 2048, 4096, N]
@@ -57,13 +58,13 @@ def run(n: int) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| data | code | block | relative error | non-zero rounded to 0 | codes used |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['data']} | {r['code']} | {r['block_size']} | {r['relative_error']:.2e} "
-                     f"| {r['zero_rounding_fraction']:.2%} | {r['codes_used']} |")
-    return "\n".join(lines)
+def report_table(rows: list[dict]) -> str:
+    columns = ["data", "code", "block_size", "relative_error", "zero_rounding_fraction", "codes_used"]
+    return markdown_table(rows, columns,
+                          headers={"block_size": "block", "relative_error": "relative error",
+                                   "zero_rounding_fraction": "non-zero rounded to 0", "codes_used": "codes used"},
+                          formats={"relative_error": ".2e", "zero_rounding_fraction": ".2%"},
+                          align={"block_size": "right"})
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -96,7 +97,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--n", type=int, default=N, help="elements per tensor")
     args = parser.parse_args(argv)
     rows = run(args.n)
-    table = markdown_table(rows)
+    table = report_table(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(table + "\n")

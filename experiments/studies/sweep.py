@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.engine.config import merge, parse_override
+from quantlab.tables import markdown_table
 
 # the optimizer of a run, as RunConfig settings
 OPTIMIZER_PRESETS = {
@@ -87,7 +88,8 @@ class Sweep:
         evaluation on the run's own dataset, or one for each of eval_datasets."""
         python = [sys.executable, "-m", "experiments"]
         pretrain = [*python, "pretrain", "--threads", str(threads), "--quiet", "--out", str(run_dir)]
-        pretrain += [arg for text in override_texts(self.run_settings(method, optimizer, seed)) for arg in ("--set", text)]
+        overrides = override_texts(self.run_settings(method, optimizer, seed))
+        pretrain += [arg for text in overrides for arg in ("--set", text)]
         if (run_dir / "checkpoint.pt").exists():
             pretrain.append("--resume")
         evaluate = [*python, "evaluate", str(run_dir), *(["--finetune"] if self.finetune else [])]
@@ -197,24 +199,28 @@ def metric_header(key: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The sweep's table: per method and optimizer, each metric's median ± half its spread over seeds and,
+    beside fp32, the difference of medians from fp32 in brackets."""
     def cell(row, key):
         if key not in row:
-            return "–"
+            return None
         difference = row[f"{key}_minus_fp32"]
         text = f"{100 * row[key]:.1f} ± {100 * row[key + '_spread'] / 2:.1f}"
         return text + ("" if difference is None or row["optimizer"] == "fp32" else f" ({100 * difference:+.1f})")
 
     keys = metric_keys(rows)
-    lines = ["| method | optimizer state | seeds | " + " | ".join(map(metric_header, keys)) +
-             " | state KiB | optimizer ms/step | model ms/step |", "|---|---|---:|" + "---:|" * (len(keys) + 3)]
-    for row in sorted(rows, key=lambda r: (r["method"], list(OPTIMIZER_PRESETS).index(r["optimizer"]))):
-        lines.append(f"| {row['method']} | {row['optimizer']} | {len(row['seeds'])} | "
-                     + "".join(f"{cell(row, key)} | " for key in keys)
-                     + f"{row['optimizer_state_bytes'] / 2**10:.0f} | {row['optimizer_ms_per_step']:.1f} | "
-                       f"{row['model_ms_per_step']:.0f} |")
-    lines.append("\nMedians over seeds ± half the spread (max - min); in brackets the difference of medians from fp32, "
-                 "in points.")
-    return "\n".join(lines) + "\n"
+    ordered = sorted(rows, key=lambda r: (r["method"], list(OPTIMIZER_PRESETS).index(r["optimizer"])))
+    cells = [{**row, "seeds": len(row["seeds"]), **{key: cell(row, key) for key in keys}} for row in ordered]
+    headers = {"optimizer": "optimizer state", **{key: metric_header(key) for key in keys},
+               "optimizer_state_bytes": "state KiB", "optimizer_ms_per_step": "optimizer ms/step",
+               "model_ms_per_step": "model ms/step"}
+    columns = ["method", "optimizer", "seeds", *keys, "optimizer_state_bytes", "optimizer_ms_per_step",
+               "model_ms_per_step"]
+    table = markdown_table(cells, columns, headers=headers, align=dict.fromkeys(keys, "right"), formats={
+        "optimizer_state_bytes": lambda b: f"{b / 2**10:.0f}", "optimizer_ms_per_step": ".1f",
+        "model_ms_per_step": ".0f"}) if rows else "(no finished runs yet)"
+    return (table + "\n\nMedians over seeds ± half the spread (max - min); in brackets the difference of medians "
+            "from fp32, in points.\n")
 
 
 def write_table(out: Path, sweep: Sweep, command: str = "") -> list[dict]:

@@ -16,10 +16,11 @@ The fused optimizer steps (``step_32bit``, ``step_8bit``, LAMB's ``lamb_norms_*`
 ``stream=`` keyword. The 32-bit ones run a thread per element. The 8-bit ones run a thread block per
 quantization block (block sizes up to MAX_STEP_BLOCK), which keeps the block's new states in shared
 memory from the update to the requantization; LAMB's norms sum each block's squares in element
-order, as the CPU does (LAMB's pass 2 is the step kernels' kind _LAMB_APPLY). Arrays they write (param, grad, states, q, absmax, partial) are flat device
-arrays: Numba's, or anything with ``__cuda_array_interface__`` such as torch CUDA tensors (an empty
-host array may stand for an unused state). Code values and search tables may be host arrays:
-read-only ones (``Code.values``, ``SearchTable``) are copied to each device once. Hyperparameters
+order, as the CPU does (LAMB's pass 2 is the step kernels' kind _LAMB_APPLY). Arrays they write
+(param, grad, states, q, absmax, partial) are flat device arrays: Numba's, or anything with
+``__cuda_array_interface__`` such as torch CUDA tensors (an empty host array may stand for an unused
+state). Code values and search tables may be host arrays: read-only ones (``Code.values``,
+``SearchTable``) are copied to each device once. Hyperparameters
 are host arrays, passed by value as kernel arguments.
 """
 from __future__ import annotations

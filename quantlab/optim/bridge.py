@@ -31,7 +31,8 @@ def check_param(param: torch.Tensor) -> None:
     if param.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"quantlab optimizers run on the CPU and CUDA, got {param.device}")
     if param.dtype not in PARAM_DTYPES:
-        raise NotImplementedError(f"quantlab optimizers take float32, float16 or bfloat16 parameters, got {param.dtype}")
+        raise NotImplementedError("quantlab optimizers take float32, float16 or bfloat16 parameters, "
+                                  f"got {param.dtype}")
     if (param.grad.dtype, param.grad.device) != (param.dtype, param.device):
         raise ValueError(f"a gradient must have its parameter's dtype and device: parameter {param.dtype} on "
                          f"{param.device}, gradient {param.grad.dtype} on {param.grad.device}")

@@ -18,8 +18,15 @@ import numpy as np
 import torch
 
 from ..codes import Code, dynamic_code
-from .bridge import (check_param, finite_on_every_rank, float32_chunks, gradients_finite, kernel_array, kernels_for,
-                     local_shard)
+from .bridge import (
+    check_param,
+    finite_on_every_rank,
+    float32_chunks,
+    gradients_finite,
+    kernel_array,
+    kernels_for,
+    local_shard,
+)
 from .state import QuantizedState, as_float
 
 STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size")

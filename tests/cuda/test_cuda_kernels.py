@@ -1,7 +1,7 @@
 """CUDA kernels: bit-identical to quantlab.reference.
 
 Runs under Numba's CUDA simulator in the default suite (small sizes: the simulator runs each GPU
-thread in Python) and on a real GPU with QUANTLAB_GPU_TESTS=1 (experiments/gpu_check.sh), where
+thread in Python) and on a real GPU with QUANTLAB_GPU_TESTS=1 (experiments/bench/gpu_check.sh), where
 sizes are full and torch CUDA tensors are tested too.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_cases import SHIPPED_CODES, assert_matches_reference, block_sizes, float_arrays
 
 import quantlab as ql
+from helpers.kernels import SHIPPED_CODES, assert_matches_reference, block_sizes, float_arrays
 from quantlab import kernels
 from quantlab.kernels import cuda as cuda_kernels
 

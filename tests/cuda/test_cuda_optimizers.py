@@ -1,5 +1,5 @@
 """quantlab.optim on CUDA parameters (a real GPU only: torch CUDA tensors do not exist under Numba's
-simulator). Run by experiments/gpu_check.sh with QUANTLAB_GPU_TESTS=1.
+simulator). Run by experiments/bench/gpu_check.sh with QUANTLAB_GPU_TESTS=1.
 
 Every step on the GPU must be bit-identical to the same step on the CPU (the kernels share their
 maths and avoid FMA contraction), and checkpoints must move between the devices exactly.

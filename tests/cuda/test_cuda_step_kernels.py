@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
-from test_optim_kernels import SIGNED_CODES, UNSIGNED_CODES, spread
 
+from helpers.kernels import SIGNED_CODES, UNSIGNED_CODES, spread_np
 from quantlab import reference
 from quantlab.codes import dynamic_code
 from quantlab.kernels import cpu
@@ -75,11 +75,11 @@ def arrays(draw, n, signed_states):
     all-zero states."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     zero_fraction = draw(st.sampled_from([0.0, 0.05, 0.5, 0.9]))
-    param, grad = spread(rng, n, -8, 2, zero_fraction), spread(rng, n, -9, 2, zero_fraction)
+    param, grad = spread_np(rng, n, -8, 2, zero_fraction), spread_np(rng, n, -9, 2, zero_fraction)
     if draw(st.booleans()):
         return param, grad, [np.zeros(n, np.float32) for _ in signed_states]
-    return param, grad, [spread(rng, n, -9, 1, zero_fraction) if signed else
-                         np.abs(spread(rng, n, -16, 2, zero_fraction)) for signed in signed_states]
+    return param, grad, [spread_np(rng, n, -9, 1, zero_fraction) if signed else
+                         np.abs(spread_np(rng, n, -16, 2, zero_fraction)) for signed in signed_states]
 
 
 def assert_identical(actual, expected, what):
@@ -231,8 +231,8 @@ def test_torch_tensors_on_the_current_stream():
     n, block_size = 2**22 + 3, 256
     signed, unsigned = SIGNED_CODES[0], UNSIGNED_CODES[0]
     rng = np.random.default_rng(0)
-    param, grad, m = (spread(rng, n, low, high, 0.05) for low, high in [(-8, 2), (-9, 2), (-9, 1)])
-    v = np.abs(spread(rng, n, -16, 2, 0.05))
+    param, grad, m = (spread_np(rng, n, low, high, 0.05) for low, high in [(-8, 2), (-9, 2), (-9, 1)])
+    v = np.abs(spread_np(rng, n, -16, 2, 0.05))
     quantized = [reference.quantize_blockwise(m, signed, block_size),
                  reference.quantize_blockwise(v, unsigned, block_size)]
     hyper = reference.adam_hyperparameters(1e-3, 0.9, 0.999, 1e-8, 0.01, True, 7)
