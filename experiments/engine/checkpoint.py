@@ -1,16 +1,23 @@
-"""Checkpoints of a run: written atomically, refused when damaged or when the run's config changed what
-the saved steps computed, and whole under ZeRO (a run saved by N processes resumes on any number)."""
+"""Checkpoints of a run: written atomically, refused when damaged, of another format, or when the run's
+config changed what the saved steps computed, and whole under ZeRO (a run saved by N processes resumes
+on any number)."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+import quantlab
 from experiments import distributed
 from experiments.engine.config import RunConfig
+
+# The layout of checkpoint.pt: raise it when a key or the form of a saved state changes, so that an
+# older checkpoint is refused by name rather than half-loaded. 1: states as quantlab.optim.QuantizedState.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = {"format", "quantlab", "model", "optimizer", "step", "epoch", "config", "metrics", "elapsed_s",
+                   "world_size"}
 
 # a resumed run may change these: they do not touch the training computation up to the saved step
 RESUMABLE_CHANGES = {"epochs", "checkpoint_every", "knn_k", "knn_temperature", "probe_epochs", "eval_subset",
@@ -36,15 +43,40 @@ def save_atomically(obj, path: Path) -> None:
         os.close(directory)
 
 
+def checkpoint_record(**fields) -> dict:
+    """What checkpoint.pt holds: ``fields`` (CHECKPOINT_KEYS but the first two) stamped with the format
+    and the quantlab version that wrote them."""
+    record = {"format": CHECKPOINT_FORMAT, "quantlab": quantlab.__version__, **fields}
+    if set(record) != CHECKPOINT_KEYS:
+        raise ValueError(f"a checkpoint holds {sorted(CHECKPOINT_KEYS)}, got {sorted(record)}")
+    return record
+
+
 def load_checkpoint(run_dir) -> dict:
+    """The run's checkpoint.pt, refused (nothing loaded) when damaged or not of CHECKPOINT_FORMAT."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint.pt in {run_dir}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - random bytes raise anything from the unpickler (IndexError too)
         # save_atomically never leaves one: the file was damaged or cut short after it was written
         raise RuntimeError(f"{path} is not a complete checkpoint ({error}); nothing was loaded") from error
+    if not isinstance(saved, dict) or "format" not in saved:
+        raise ValueError(f"{path} is not a quantlab checkpoint of format {CHECKPOINT_FORMAT}: it records no "
+                         f"format (written by a quantlab before checkpoints had one, or by another program)")
+    if saved["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is a checkpoint of format {saved['format']!r} (quantlab "
+                         f"{saved.get('quantlab', '?')}); this quantlab ({quantlab.__version__}) reads format "
+                         f"{CHECKPOINT_FORMAT} only")
+    if set(saved) != CHECKPOINT_KEYS:
+        raise ValueError(f"{path} is a damaged checkpoint: it holds {sorted(saved, key=str)}, not "
+                         f"{sorted(CHECKPOINT_KEYS)}")
+    step = saved["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(saved["config"], dict):
+        raise ValueError(f"{path} is a damaged checkpoint: step {step!r}, config of type "
+                         f"{type(saved['config']).__name__}")
+    return saved
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
@@ -54,13 +86,32 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 
 
 def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
-    current = config.to_dict()
-    changed = sorted(k for k in current if current[k] != saved.get(k)) if saved.keys() == current.keys() else ["keys"]
-    if set(changed) - RESUMABLE_CHANGES:
-        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {changed} "
-                         f"(only {sorted(RESUMABLE_CHANGES)} may change)")
+    """Raises unless a run of ``config`` may continue from a checkpoint of config ``saved`` at ``step``,
+    saying which settings differ."""
+    current, absent = config.to_dict(), "(absent)"
+    changed = [f"{k}: {saved.get(k, absent)!r} in the checkpoint, {current.get(k, absent)!r} now"
+               for k in sorted(set(current) | set(saved), key=str)
+               if k not in RESUMABLE_CHANGES and saved.get(k, absent) != current.get(k, absent)]
+    if changed:
+        raise ValueError("cannot resume: the config differs from the checkpoint's in " + "; ".join(changed)
+                         + f" (only {sorted(RESUMABLE_CHANGES)} may change)")
     if total_steps < step:
         raise ValueError(f"cannot resume: the checkpoint is at step {step}, past this config's {total_steps} steps")
+
+
+def restore(checkpoint: dict, method, optimizer, run_dir) -> None:
+    """The checkpoint's model and optimizer states loaded into ``method`` and ``optimizer``; a state
+    that does not fit them (another model, optimizer or parameter layout) is refused, naming which."""
+    for what, target in (("model", method), ("optimizer", optimizer)):
+        try:
+            target.load_state_dict(checkpoint[what])
+            if what == "optimizer" and isinstance(optimizer, ZeroRedundancyOptimizer):
+                # ZeRO writes this rank's states into the local optimizer's dict directly: have the
+                # local optimizer check them (and take checked copies) as its own load_state_dict does
+                optimizer.optim.load_state_dict(optimizer.optim.state_dict())
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+            raise ValueError(f"cannot resume from {Path(run_dir) / 'checkpoint.pt'}: its {what} state does not "
+                             f"fit this run's {what}: {error}") from error
 
 
 def local_optimizer(optimizer):

@@ -34,9 +34,11 @@ from experiments import distributed
 from experiments.data import ImageDataset, load_dataset
 from experiments.engine.checkpoint import (
     check_resumable,
+    checkpoint_record,
     load_checkpoint,
     local_optimizer,
     remove_stale_temporaries,
+    restore,
     save_atomically,
     whole_optimizer_state,
 )
@@ -159,8 +161,7 @@ def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, ov
     if resume:
         checkpoint = load_checkpoint(out_dir)
         check_resumable(checkpoint["config"], config, checkpoint["step"], total_steps)
-        method.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore(checkpoint, method, optimizer, out_dir)
         metrics, step, elapsed_before = checkpoint["metrics"], checkpoint["step"], checkpoint["elapsed_s"]
     elif (out_dir / "checkpoint.pt").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a run: resume it, or choose another directory")
@@ -175,10 +176,10 @@ def train_run(config: RunConfig, out_dir: Path, resume: bool, progress: bool, ov
     def save_checkpoint():
         optimizer_state = whole_optimizer_state(optimizer)  # on every rank: a collective under ZeRO
         if writes:
-            save_atomically({"model": method.state_dict(), "optimizer": optimizer_state, "step": step,
-                             "epoch": step // steps_per_epoch, "config": config.to_dict(), "metrics": metrics,
-                             "elapsed_s": elapsed_before + time.perf_counter() - started, "world_size": world},
-                            out_dir / "checkpoint.pt")
+            save_atomically(checkpoint_record(
+                model=method.state_dict(), optimizer=optimizer_state, step=step, epoch=step // steps_per_epoch,
+                config=config.to_dict(), metrics=metrics, elapsed_s=elapsed_before + time.perf_counter() - started,
+                world_size=world), out_dir / "checkpoint.pt")
 
     bar = Progress(total_steps, step, progress and writes)
     with open(out_dir / "metrics.jsonl", "a") if writes else contextlib.nullcontext() as log:

@@ -6,6 +6,9 @@ float maths, and a NaN or Inf in the block shows up as bits >= Inf). Loops run o
 indexed from 0, which lets LLVM drop negative-index handling and vectorise. The scalar maths is
 inlined (``inline="always"``); Numba's on-disk cache keys on this file only, so after editing
 scalar.py run ``make clean-cache``.
+
+The kernels do no bounds checks: every array size is checked by their callers (``quantlab.kernels``,
+the optimizers' ``load_state_dict`` and ``step``) before a kernel sees it.
 """
 from __future__ import annotations
 

@@ -91,3 +91,18 @@ def build_search_table(points: np.ndarray) -> SearchTable:
 def search_tables(code: Code) -> tuple[SearchTable, SearchTable]:
     """(nearest, floor) search tables of a code; built once per code."""
     return build_search_table(code.midpoints), build_search_table(code.floor_points)
+
+
+STEP_VALUES = 256  # every uint8 index
+
+
+@lru_cache(maxsize=64)
+def step_values(code: Code) -> np.ndarray:
+    """A code's values padded with NaN to 256 entries, read-only: what the 8-bit step kernels index
+    with a state's uint8 codes. Loaded states are checked to index inside the code; the padding makes
+    an index changed by hand afterwards read NaN, never memory past the values."""
+    values = np.full(STEP_VALUES, np.nan, np.float32)
+    values[:len(code.values)] = code.values
+    values.setflags(write=False)
+    return values
+

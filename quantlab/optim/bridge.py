@@ -25,7 +25,7 @@ STEP_KERNELS = ("step_32bit", "step_8bit", "lamb_norms_32bit", "lamb_norms_8bit"
 
 def check_param(param: torch.Tensor) -> None:
     """What the kernels take: dense, contiguous float32/float16/bfloat16 parameters on the CPU or
-    a CUDA device, with a gradient of the same dtype and device."""
+    a CUDA device, with a gradient of the same shape, dtype and device."""
     if param.grad.is_sparse:
         raise RuntimeError("quantlab optimizers do not support sparse gradients")
     if param.device.type not in ("cpu", "cuda"):
@@ -33,6 +33,9 @@ def check_param(param: torch.Tensor) -> None:
     if param.dtype not in PARAM_DTYPES:
         raise NotImplementedError("quantlab optimizers take float32, float16 or bfloat16 parameters, "
                                   f"got {param.dtype}")
+    if param.grad.shape != param.shape:  # torch checks `p.grad = g`, but not `p.grad.data = g`
+        raise ValueError(f"a gradient must have its parameter's shape: parameter {tuple(param.shape)}, "
+                         f"gradient {tuple(param.grad.shape)}")
     if (param.grad.dtype, param.grad.device) != (param.dtype, param.device):
         raise ValueError(f"a gradient must have its parameter's dtype and device: parameter {param.dtype} on "
                          f"{param.device}, gradient {param.grad.dtype} on {param.grad.device}")

@@ -27,7 +27,7 @@ from .bridge import (
     kernels_for,
     local_shard,
 )
-from .state import QuantizedState, as_float
+from .state import QuantizedState, as_float, check_for_step, check_loaded_state
 
 STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size")
 _OPTIONS_ATTRIBUTE = "_quantlab_options"
@@ -137,6 +137,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 # Raises on option combinations the update refuses (RMSprop's centred with momentum
                 # from a param group or set_options) before any parameter or state is written.
                 self.hyperparameters(p, options, self.state.get(p, {}).get("step", 0) + 1)
+                check_for_step(local_shard(p), {k: v for k, v in self.state.get(p, {}).items() if k != "step"})
                 work.append((p, options))
         finite = gradients_finite([local_shard(p) for p, _ in work])
         if not finite_on_every_rank(finite, [p for p, _ in work]):
@@ -200,14 +201,42 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             kernels.step_8bit(self.kind, len(states), param, grad, hyper, block_size, *per_state[0], *per_state[1])
 
     def load_state_dict(self, state_dict):
-        """torch's load_state_dict, but each state as saved, on its parameter's device: torch casts
-        every floating state tensor to its parameter's dtype (float32 states of a bfloat16 parameter
-        would become bfloat16)."""
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        saved_states = [state_dict["state"].get(i) for i in saved_ids]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for p, saved in zip(params, saved_states):
-            if saved is not None:
-                self.state[p] = {key: value.to(p.device) if isinstance(value, (torch.Tensor, QuantizedState)) else value
-                                 for key, value in saved.items()}
+        """torch's load_state_dict, all or nothing: every param group and state is checked against
+        this optimizer and its parameters before anything changes (see ``check_loaded_state``), and
+        a mismatch raises naming the parameter and the field. States are restored as copies of what
+        was saved, on their parameter's device: torch would cast float32 states of a bfloat16
+        parameter to bfloat16. A torch.optim state dict (no state options) loads with this group's."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("an optimizer state dict is a dict with 'state' and 'param_groups', got "
+                             + (f"keys {sorted(state_dict, key=str)}" if isinstance(state_dict, dict)
+                                else type(state_dict).__name__))
+        saved_groups, saved_states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, list) or not isinstance(saved_states, dict):
+            raise TypeError("an optimizer state dict's 'param_groups' must be a list and its 'state' a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        loaded, groups = {}, []
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise TypeError(f"param group {g} of the state dict must be a dict with a list of 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {g} of the state dict has {len(saved['params'])} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            # a torch.optim state dict has no state options: it loads with this group's
+            saved = {**{k: group[k] for k in STATE_OPTIONS if k not in saved}, **saved}
+            missing = sorted(set(self.defaults) - set(saved))
+            if missing:
+                raise ValueError(f"param group {g} of the state dict lacks {missing} (a state dict of "
+                                 f"another optimizer?)")
+            groups.append(saved)
+            for index, p in zip(saved["params"], group["params"]):
+                options = param_options(p, {**saved, "params": group["params"]})
+                check_state_options(*(options[k] for k in STATE_OPTIONS))
+                if index in saved_states:
+                    names = tuple(name for name, _ in self.state_specs(options))
+                    where = f"parameter {index} (group {g}, shape {tuple(p.shape)})"
+                    loaded[p] = check_loaded_state(saved_states[index], local_shard(p), names, where)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        self.state.clear()
+        self.state.update({p: state for p, state in loaded.items() if state})

@@ -1,7 +1,9 @@
 """Crash safety: a run killed by SIGKILL while it writes a checkpoint resumes from the last complete
-one, loses at most one checkpoint interval, and ends exactly where an uninterrupted run ends."""
+one, loses at most one checkpoint interval, and ends exactly where an uninterrupted run ends. A
+checkpoint that is damaged, of another format, or does not fit the run is refused, saying why."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 import pytest
 import torch
 
+import quantlab
 from experiments.engine import checkpoint, run
 from experiments.engine.config import load_config
 
@@ -82,9 +85,63 @@ def test_a_damaged_checkpoint_is_refused_not_loaded(tmp_path, damage):
     run.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, progress=False)
     path = tmp_path / "checkpoint.pt"
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    garbage = random.Random(damage).randbytes(len(data))  # seeded: random bytes fail in many ways
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": garbage, "empty": b""}[damage])
     with pytest.raises(RuntimeError, match="not a complete checkpoint"):
         checkpoint.load_checkpoint(tmp_path)
     with pytest.raises(RuntimeError, match="not a complete checkpoint"):
         run.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, resume=True,
                        progress=False)
+
+
+def saved_run(tmp_path):
+    run.pretrain(load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0}), tmp_path, progress=False)
+    return torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+
+
+def test_a_checkpoint_of_another_format_is_refused_by_name(tmp_path):
+    saved = saved_run(tmp_path)
+    assert saved["format"] == checkpoint.CHECKPOINT_FORMAT and saved["quantlab"] == quantlab.__version__
+    for edit, message in [(lambda s: s.pop("format"), "records no format"),
+                          (lambda s: s.update(format=checkpoint.CHECKPOINT_FORMAT + 1, quantlab="9.9"),
+                           r"format 2 \(quantlab 9.9\).*reads format 1 only"),
+                          (lambda s: s.pop("optimizer"), "damaged checkpoint.*holds"),
+                          (lambda s: s.update(step=-1), "damaged checkpoint: step -1")]:
+        damaged = dict(saved)
+        edit(damaged)
+        torch.save(damaged, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match=message):
+            checkpoint.load_checkpoint(tmp_path)
+    torch.save(["not", "a", "dict"], tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="records no format"):
+        checkpoint.load_checkpoint(tmp_path)
+
+
+def test_resume_names_each_setting_that_differs():
+    config = load_config(CONFIG)
+    saved = {**config.to_dict(), "lr": 0.5, "removed_option": 1}
+    del saved["weight_decay"]
+    with pytest.raises(ValueError) as refused:
+        checkpoint.check_resumable(saved, config, 1, 4)
+    message = str(refused.value)
+    assert f"lr: 0.5 in the checkpoint, {config.lr!r} now" in message
+    assert "removed_option: 1 in the checkpoint, '(absent)' now" in message
+    assert f"weight_decay: '(absent)' in the checkpoint, {config.weight_decay!r} now" in message
+    checkpoint.check_resumable({**config.to_dict(), "epochs": 7}, config, 1, 4)  # epochs may change
+    with pytest.raises(ValueError, match="past this config's 4 steps"):
+        checkpoint.check_resumable(config.to_dict(), config, 5, 4)
+
+
+def test_resume_refuses_a_model_or_optimizer_state_that_does_not_fit(tmp_path):
+    saved = saved_run(tmp_path)
+    config = load_config(CONFIG, {"train_subset": 32, "checkpoint_every": 0})
+    other_model = {**saved, "model": {k: v[..., :1] if v.dim() else v for k, v in saved["model"].items()}}
+    torch.save(other_model, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint.pt: its model state does not fit"):
+        run.pretrain(config, tmp_path, resume=True, progress=False)
+    state = saved["optimizer"]["state"]
+    index = next(iter(state))
+    other_optimizer = {**saved, "optimizer": {**saved["optimizer"], "state": {**state, index: {"step": 1}}}}
+    torch.save(other_optimizer, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=f"its optimizer state does not fit.*parameter {index} "):
+        run.pretrain(config, tmp_path, resume=True, progress=False)
