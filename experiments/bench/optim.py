@@ -6,11 +6,12 @@
 
 For each parameter set (random gradients of 1e-2 scale) and optimizer: ms per step (median after
 warm-up steps), state bytes per parameter, and the peak extra resident memory during a step over
-the memory before it (sampled every 0.2 ms from /proc/self/statm by a background thread; the
-states already exist by then). Ratios are printed against torch's fused fp32 Adam and against
-bitsandbytes' Adam8bit measured in the same run. On CUDA the steps are timed between
-synchronisations and the peak extra memory is torch's max_memory_allocated over the memory before
-the steps. Saves JSON and Markdown under --out.
+the memory before it (sampled every 0.2 ms from /proc/self/statm by a background thread, over two
+more steps after the timed ones; the states already exist by then). Ratios are printed against
+torch's fused fp32 Adam and against bitsandbytes' Adam8bit measured in the same run, and against
+the step's memory speed: the bytes it must move at the copy bandwidth measured in the same run.
+On CUDA the steps are timed between synchronisations and the peak extra memory is torch's
+max_memory_allocated over the memory before the steps. Saves JSON and Markdown under --out.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from quantlab.provenance import environment
 from quantlab.tables import markdown_table
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+MEMORY_STEPS = 2  # steps over which the peak extra memory is sampled, after the timed ones
 
 
 def resident_bytes() -> int:
@@ -73,6 +75,36 @@ def parameter_sets(cases, single_size: int, device="cpu", dtype=torch.float32):
         sets["ViT (6x384, patch 4, 32px)"] = on_device(lambda: torchvision.models.VisionTransformer(
             image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=384, mlp_dim=1536))
     return sets
+
+
+# The bytes a step must move per parameter at least, for the roofline: Adam reads the parameter and
+# the gradient and writes the parameter (3 elements of their dtype), reads and writes two states
+# (float32: 16 bytes; 8-bit: a byte each way plus a float32 absmax a block of 256 each way);
+# quantlab's steps read the gradients once more for the non-finite check.
+_EIGHT_BIT_STATES = 2 * 2 * (1 + 4 / 256)
+STATE_BYTES_MOVED = {"torch Adam (default)": 16, "torch Adam (foreach)": 16, "torch Adam (fused)": 16,
+                     "quantlab Adam 8-bit": _EIGHT_BIT_STATES, "quantlab Adam 32-bit": 16,
+                     "bitsandbytes Adam8bit": _EIGHT_BIT_STATES, "torchao AdamW8bit": _EIGHT_BIT_STATES}
+
+
+def bytes_moved_per_param(optimizer: str, element_size: int) -> float:
+    gradient_reads = 2 if optimizer.startswith("quantlab") else 1
+    return (2 + gradient_reads) * element_size + STATE_BYTES_MOVED[optimizer]
+
+
+def copy_bandwidth(device: str, n: int = 2**24, repeats: int = 15) -> float:
+    """Bytes a second of torch's copy_ between two float32 tensors of n elements (read + write), at
+    the fastest of the repeats: the roofline is what the machine can reach."""
+    x, y = torch.randn(n, device=device), torch.zeros(n, device=device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        y.copy_(x)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * 4 * n / min(times)
 
 
 def optimizers(include_torchao: bool):
@@ -128,13 +160,17 @@ def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
     for _ in range(warmup - 1):
         optimizer.step()
     times = []
+    for _ in range(steps):
+        synchronize()
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    # memory in steps of their own: the sampling thread takes a share of a 2-core CPU, and timed
+    # steps beside it ran 10-40 % slower (the parallel kernels most)
     with (PeakCudaMemory() if cuda else PeakMemory()) as memory:
-        for _ in range(steps):
-            synchronize()
-            start = time.perf_counter()
+        for _ in range(MEMORY_STEPS):
             optimizer.step()
-            synchronize()
-            times.append(time.perf_counter() - start)
     n = sum(p.numel() for p in params)
     result = {"ms_per_step": 1e3 * float(np.median(times)), "first_step_s": first_step,
               "state_bytes_per_param": qo.state_bytes(optimizer) / n,
@@ -173,18 +209,27 @@ def table(rows) -> str:
         by = {r["optimizer"]: r for r in rows if r["case"] == case}
         fused, bnb = by.get("torch Adam (fused)"), by.get("bitsandbytes Adam8bit")
         for name, r in by.items():
+            roofline = r.get("roofline_ms")
             lines.append({**r, "parameters": f"{case} ({r['params'] / 1e6:.1f} M)",
                           "vs_fused": f"{fused['ms_per_step'] / r['ms_per_step']:.2f}x" if fused else "-",
-                          "vs_bnb": f"{bnb['ms_per_step'] / r['ms_per_step']:.1f}x" if bnb else "-"})
+                          "vs_bnb": f"{bnb['ms_per_step'] / r['ms_per_step']:.1f}x" if bnb else "-",
+                          "of_roofline": f"{r['ms_per_step'] / roofline:.1f}x" if roofline else "-"})
+    roofline = ["roofline_ms", "of_roofline"] if any("roofline_ms" in r for r in rows) else []  # older records
     text = markdown_table(
-        lines, ["parameters", "optimizer", "ms_per_step", "vs_fused", "vs_bnb", "state_bytes_per_param",
-                "peak_extra_bytes_per_param"],
-        formats={"ms_per_step": ".1f", "state_bytes_per_param": ".2f", "peak_extra_bytes_per_param": ".2f"},
+        lines, ["parameters", "optimizer", "ms_per_step", "vs_fused", "vs_bnb", *roofline,
+                "state_bytes_per_param", "peak_extra_bytes_per_param"],
+        formats={"ms_per_step": ".1f", "state_bytes_per_param": ".2f", "peak_extra_bytes_per_param": ".2f",
+                 **({"roofline_ms": ".1f"} if roofline else {})},
         headers={"ms_per_step": "ms / step", "vs_fused": "vs torch fused", "vs_bnb": "vs bitsandbytes 8-bit",
                  "state_bytes_per_param": "state B/param",
-                 "peak_extra_bytes_per_param": "peak extra B/param during step"},
-        align={"vs_fused": "right", "vs_bnb": "right"})
-    return text + "\n\n'vs' columns: how many times faster than that optimizer (above 1 = faster)."
+                 "peak_extra_bytes_per_param": "peak extra B/param during step",
+                 **({"roofline_ms": "memory-speed ms", "of_roofline": "x memory speed"} if roofline else {})},
+        align={"vs_fused": "right", "vs_bnb": "right", **({"of_roofline": "right"} if roofline else {})})
+    text += "\n\n'vs' columns: how many times faster than that optimizer (above 1 = faster)."
+    if roofline:
+        text += (" Memory speed: the bytes the step must move (bytes_moved_per_param) at the copy bandwidth "
+                 "measured in the same run; 'x memory speed' is the step's time over that.")
+    return text
 
 
 def main(argv=None):
@@ -206,11 +251,16 @@ def main(argv=None):
         env["gpu"] = torch.cuda.get_device_name()
     sets = parameter_sets(args.cases, args.single_size, args.device, getattr(torch, args.dtype))
     print("environment:", json.dumps(env))
+    env["copy_bandwidth_gb_s"] = bandwidth = copy_bandwidth(args.device) / 1e9
+    element_size = getattr(torch, args.dtype).itemsize
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
     rows = []
     for case, make_params in sets.items():
         for name, make_optimizer in optimizers(not args.no_torchao).items():
             result = measure(make_params, make_optimizer, args.steps, args.warmup)
-            result.update(case=case, optimizer=name)
+            result.update(case=case, optimizer=name,
+                          roofline_ms=1e3 * bytes_moved_per_param(name, element_size) * result["params"]
+                          / (bandwidth * 1e9))
             rows.append(result)
             print(f"  {case:28s} {name:24s} {result['ms_per_step']:9.1f} ms  state "
                   f"{result['state_bytes_per_param']:5.2f} B/param  peak extra "

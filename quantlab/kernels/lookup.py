@@ -30,6 +30,8 @@ from ..codes import Code
 
 SEARCH_COMPARES = 1
 COARSEST_SHIFT, FINEST_SHIFT = 16, 12  # 32514 to 520194 one-byte table entries
+# Zero bytes after the last bucket: the CPU kernels gather the table four bytes a lane (simd.py).
+TABLE_PADDING = 3
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
 
@@ -48,7 +50,7 @@ def _float_of_key(k: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SearchTable:
     points: np.ndarray  # float32 decision points followed by one +inf sentinel
-    table: np.ndarray  # uint8 count of points below each bucket
+    table: np.ndarray  # uint8 count of points below each bucket, then TABLE_PADDING zero bytes
     shift: int
     bias: int  # bucket = (key + bias) >> shift, never negative for -1 <= u <= 1
 
@@ -81,8 +83,9 @@ def build_search_table(points: np.ndarray) -> SearchTable:
         below = np.searchsorted(points, smallest, side="left")
         most_in_a_bucket = np.max(np.append(below[1:], points.size) - below)
         if most_in_a_bucket <= SEARCH_COMPARES:
+            table = np.append(below, np.zeros(TABLE_PADDING, np.int64)).astype(np.uint8)
             return SearchTable(points=np.append(points, np.float32(np.inf)).astype(np.float32),
-                               table=below.astype(np.uint8), shift=shift, bias=int(-low) << shift)
+                               table=table, shift=shift, bias=int(-low) << shift)
     raise ValueError(f"decision points closer than a 2**-{31 - FINEST_SHIFT - 8} relative spacing "
                      f"(more than {SEARCH_COMPARES} in one bucket): use backend='reference' for this code")
 

@@ -10,10 +10,12 @@ import sys
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from .. import kernels
 from ..kernels import cpu
+from ..kernels.lookup import search_tables, step_values
 from ..kernels.scalar import INF_BITS
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -98,6 +100,46 @@ def kernel_array(t: torch.Tensor):
     return flat if flat.is_cuda else flat.numpy()
 
 
+class StepBatch:
+    """The fused steps of CPU float32 parameters, gathered during an optimizer step and launched
+    together: one launch per (kind, states, codes, block size, hyperparameters), not one per
+    parameter (a launch costs more than most of a model's tensors' steps; see kernels.cpu)."""
+
+    def __init__(self):
+        self._launches = {}
+
+    @staticmethod
+    def takes(p: torch.Tensor) -> bool:
+        return p.device.type == "cpu" and p.dtype == torch.float32
+
+    def add(self, kind: int, p: torch.Tensor, states: list, hyper: np.ndarray, block_size: int) -> None:
+        """p (checked by check_param) and its states (checked by check_for_step), stepped at run()."""
+        grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+        row = [p.data_ptr(), grad.data_ptr()]
+        if not states or torch.is_tensor(states[0]):
+            key = (kind, len(states), None, None, hyper.tobytes())
+            row += [s.data_ptr() for s in states] + [0] * (2 - len(states))
+        else:
+            key = (kind, len(states), block_size, tuple(s.code for s in states), hyper.tobytes())
+            for s in states:
+                row += [s.indices.data_ptr(), s.absmax.data_ptr()]
+            row += [0, 0] * (2 - len(states))
+        rows, sizes, alive = self._launches.setdefault(key, ([], [], [hyper]))
+        rows.append(row)
+        sizes.append(p.numel())
+        alive.append((p, grad, states))  # the memory behind the addresses, until run()
+
+    def run(self) -> None:
+        for (kind, n_states, block_size, codes, _), (rows, sizes, alive) in self._launches.items():
+            addresses, sizes, hyper = np.array(rows, np.int64), np.array(sizes, np.int64), alive[0]
+            if codes is None:
+                cpu.step_32bit_many(kind, n_states, addresses, sizes, hyper)
+                continue
+            per_code = [(step_values(c), search_tables(c)[0].args(), c.zero_index) for c in codes]
+            cpu.step_8bit_many(kind, n_states, addresses, sizes, hyper, block_size, *per_code[0], *per_code[-1])
+        self._launches.clear()
+
+
 def float32_chunks(p: torch.Tensor, align: int):
     """(start, end, param, grad): float32 kernel arrays over p's flat elements [start, end).
 
@@ -119,9 +161,10 @@ def float32_chunks(p: torch.Tensor, align: int):
 
 
 def gradients_finite(params) -> bool:
-    """CPU float32 gradients: one integer-max pass each (see kernels.cpu.largest_magnitude_bits);
-    CUDA: torch.isfinite (one synchronisation); CPU 16-bit: torch.isfinite by chunks, so that the
-    check's temporaries stay chunk-sized."""
+    """CPU float32 gradients: one integer-max pass over all of them in one launch (see
+    kernels.cpu.largest_magnitude_bits); CUDA: torch.isfinite (one synchronisation each); CPU
+    16-bit: torch.isfinite by chunks, so that the check's temporaries stay chunk-sized."""
+    cpu_float32 = []
     for p in params:
         g = p.grad.detach()
         if g.is_cuda:
@@ -131,8 +174,8 @@ def gradients_finite(params) -> bool:
             finite = all(bool(torch.isfinite(flat[i:i + CHUNK_ELEMENTS]).all())
                          for i in range(0, flat.numel(), CHUNK_ELEMENTS))
         else:
-            g = g if g.is_contiguous() else g.contiguous()
-            finite = cpu.largest_magnitude_bits(g.view(-1).view(torch.int32).numpy()) < INF_BITS
+            cpu_float32.append((g if g.is_contiguous() else g.contiguous()).view(-1).view(torch.int32).numpy())
+            continue
         if not finite:
             return False
-    return True
+    return cpu.largest_magnitude_bits(*cpu_float32) < INF_BITS

@@ -36,7 +36,8 @@ class LAMB(BlockwiseOptimizer):
                              "norm of the whole update, which a rank's shard does not give")
         return reference.lamb_hyperparameters(*options["betas"], options["eps"], options["weight_decay"], step)
 
-    def _run_kernels(self, p, state, options, specs, hyper):
+    def _run_kernels(self, p, state, options, specs, hyper, batch):
+        # two passes per parameter (the trust ratio needs the whole update's norm): not batched
         kernels, block_size = kernels_for(p), options["block_size"]
         eight_bit = isinstance(state["exp_avg"], QuantizedState)
         partial = torch.zeros((reference.num_blocks(p.numel(), block_size), 2), dtype=torch.float64, device=p.device)

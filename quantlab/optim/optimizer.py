@@ -19,6 +19,7 @@ import torch
 
 from ..codes import Code, dynamic_code
 from .bridge import (
+    StepBatch,
     check_param,
     finite_on_every_rank,
     float32_chunks,
@@ -146,8 +147,10 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
                 return loss
             raise FloatingPointError("a gradient holds NaN or Inf: no parameter or state was changed "
                                      "(skip_nonfinite=True skips such steps instead)")
+        batch = StepBatch()
         for p, options in work:
-            self._update(p, options)
+            self._update(p, options, batch)
+        batch.run()
         return loss
 
     def state_code(self, param: torch.Tensor, options: dict, signed: bool) -> Code | None:
@@ -158,7 +161,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             return None
         return options["signed_code"] if signed else options["unsigned_code"]
 
-    def _update(self, param, options):
+    def _update(self, param, options, batch):
         state, p = self.state[param], local_shard(param)
         specs = self.state_specs(options)
         if "step" not in state or any(name not in state for name, _ in specs):
@@ -172,7 +175,7 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             state[name] = self._in_format(state[name], self.state_code(param, options, signed), options["block_size"],
                                           p.device)
         state["step"] += 1
-        self._run_kernels(p, state, options, specs, self.hyperparameters(param, options, state["step"]))
+        self._run_kernels(p, state, options, specs, self.hyperparameters(param, options, state["step"]), batch)
 
     @staticmethod
     def _in_format(state, code: Code | None, block_size: int, device):
@@ -184,10 +187,14 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             return state.to(device)
         return QuantizedState.quantize(as_float(state).to(device), code, block_size)
 
-    def _run_kernels(self, p, state, options, specs, hyper):
-        """The fused step kernels (step_32bit / step_8bit) on p and its states, in place."""
+    def _run_kernels(self, p, state, options, specs, hyper, batch):
+        """The fused step kernels (step_32bit / step_8bit) on p and its states, in place: a CPU
+        float32 parameter joins the batch, launched with the others after the last one."""
         kernels, block_size = kernels_for(p), options["block_size"]
         states = [state[name] for name, _ in specs]
+        if batch.takes(p):
+            batch.add(self.kind, p, states, hyper, block_size)
+            return
         for start, end, param, grad in float32_chunks(p, block_size):
             if not states or torch.is_tensor(states[0]):
                 arrays = [kernel_array(s)[start:end] for s in states]

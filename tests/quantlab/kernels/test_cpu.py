@@ -131,7 +131,7 @@ def test_table_search_exact_around_every_decision_point():
             u = near[(near >= np.iinfo(np.int32).min) & (near <= np.iinfo(np.int32).max)].astype(np.int32)
             u = u.view(np.float32)
             u = u[np.isfinite(u) & (np.abs(u) <= 1)]
-            out = np.empty(u.size, np.int64)
+            out = np.empty(u.size, np.uint8)
             cpu.search_all(u, table.table, table.points, table.shift, table.bias, out)
             np.testing.assert_array_equal(out, np.searchsorted(true_points, u, side="left"), err_msg=str(code))
 
@@ -141,7 +141,7 @@ def test_table_search_sampled_for_every_code():
     u = np.concatenate([u, u * np.float32(1e-20), np.float32([0.0, -0.0, 1.0, -1.0])])
     for code in SHIPPED_CODES:
         for table, true_points in zip(search_tables(code), (code.midpoints, code.floor_points)):
-            out = np.empty(u.size, np.int64)
+            out = np.empty(u.size, np.uint8)
             cpu.search_all(u, table.table, table.points, table.shift, table.bias, out)
             np.testing.assert_array_equal(out, np.searchsorted(true_points, u, side="left"))
             np.testing.assert_array_equal(table.index(u), out)

@@ -7,6 +7,7 @@ keeps each example fast for the sizes asked for (up to 5000 and 300000 elements)
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,9 +56,9 @@ def adam_hyper(draw):
 @st.composite
 def adam_arrays(draw, max_n):
     """param, grad, m (signed), v (>= 0) as float32; zero_fraction 0 .. 0.9 (0.9 makes all-zero blocks)."""
-    # sizes on both sides of the kernels' serial/parallel switch too
-    serial = cpu.SERIAL_ELEMENTS
-    n = draw(st.one_of(st.sampled_from([1, 2, 255, 256, 257, serial, serial + 1, 3 * serial + 7]),
+    # sizes around block and task boundaries too (tasks of 16 blocks, or of STEP_CHUNK elements)
+    serial, chunk = cpu.SERIAL_ELEMENTS, cpu.STEP_CHUNK
+    n = draw(st.one_of(st.sampled_from([1, 2, 255, 256, 257, serial, serial + 1, 3 * serial + 7, chunk + 1]),
                        st.integers(1, max_n)))
     seed = draw(st.integers(0, 2**32 - 1))
     zero_fraction = draw(st.sampled_from([0.0, 0.05, 0.5, 0.9]))
@@ -153,3 +154,37 @@ def test_largest_magnitude_bits_flags_nan_and_inf(n, seed, kind, count, where):
     got = int(cpu.largest_magnitude_bits(x.view(np.int32)))
     assert got >= INF_BITS
     assert got == int(np.max(_bits(x) & np.uint32(0x7FFFFFFF)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 17, CHUNK - 1, CHUNK + 1, 100_000]), min_size=1, max_size=6),
+       seed=st.integers(0, 2**32 - 1), bad=st.integers(-1, 5))
+def test_largest_magnitude_bits_over_several_arrays(sizes, seed, bad):
+    """One launch over several arrays: the maximum over all of them, and a NaN in any one of them
+    (bad = its index; -1: none) is seen."""
+    rng = np.random.default_rng(seed)
+    arrays = [finite_test_array(rng, n) for n in sizes]
+    if 0 <= bad < len(arrays) and arrays[bad].size:
+        arrays[bad][rng.integers(0, arrays[bad].size)] = np.nan
+    expected = max((int(np.max(_bits(a) & np.uint32(0x7FFFFFFF))) for a in arrays if a.size), default=0)
+    assert cpu.largest_magnitude_bits(*(a.view(np.int32) for a in arrays)) == expected
+
+
+def test_kernel_wrappers_refuse_arrays_of_the_wrong_size():
+    """The kernels read raw memory: their NumPy wrappers check every size and dtype first."""
+    n, block_size = 1000, 64
+    code = SIGNED_CODES[0]
+    p, g = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    q, absmax = np.zeros(n, np.uint8), np.zeros(reference.num_blocks(n, block_size), np.float32)
+    hyper = reference.adam_hyperparameters(1e-3, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    table = search_tables(code)[0].args()
+    for bad in ({"q": q[:-1]}, {"absmax": absmax[:-1]}, {"g": g[:10]}, {"q": q.astype(np.int8)}):
+        args = {"p": p, "g": g, "q": q, "absmax": absmax, **bad}
+        with pytest.raises(ValueError, match="must be a contiguous 1-D"):
+            cpu.step_8bit(scalar.ADAM, 2, args["p"], args["g"], hyper, block_size, args["q"], args["absmax"],
+                          code.values, table, code.zero_index, args["q"], args["absmax"], code.values, table,
+                          code.zero_index)
+    with pytest.raises(ValueError, match="state 2"):
+        cpu.step_32bit(scalar.ADAM, 2, p, g, p.copy(), p[:5].copy(), hyper)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu.largest_magnitude_bits(p.view(np.int32)[::2])
