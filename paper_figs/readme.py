@@ -98,7 +98,7 @@ def headline(results: Path) -> str:
     table = [{**by[name], "vs_fused": fused["ms_per_step"] / by[name]["ms_per_step"],
               "vs_bnb": bnb["ms_per_step"] / by[name]["ms_per_step"]} for name in HEADLINE_OPTIMIZERS if name in by]
     env = environments[0]
-    machine = f"{env.get('cpu', 'unnamed CPU')}, {env.get('threads', '?')} threads"
+    machine = f"{env.get('cpu', 'unnamed CPU')}, {env.get('numba_threads', env.get('threads', '?'))} threads"
     text = markdown_table(table, ["optimizer", "state_bytes_per_param", "vs_fused", "vs_bnb"],
                           formats={"state_bytes_per_param": ".2f", "vs_fused": ".2f", "vs_bnb": ".1f"},
                           headers={"state_bytes_per_param": "state bytes / parameter",
