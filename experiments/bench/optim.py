@@ -5,11 +5,13 @@
     python -m experiments.bench.optim --device cuda --dtype bfloat16    # on a GPU
 
 For each parameter set (random gradients of 1e-2 scale) and optimizer: ms per step (median after
-warm-up steps), state bytes per parameter, and the peak extra resident memory during a step over
-the memory before it (sampled every 0.2 ms from /proc/self/statm by a background thread, over two
-more steps after the timed ones; the states already exist by then). Ratios are printed against
+warm-up steps, the optimizers' steps timed in turn), state bytes per parameter, and the peak extra
+resident memory during a step over the memory before it (sampled every 0.2 ms from
+/proc/self/statm by a background thread, over two more steps after the timed ones; the states
+already exist by then). Ratios are printed against
 torch's fused fp32 Adam and against bitsandbytes' Adam8bit measured in the same run, and against
-the step's memory speed: the bytes it must move at the copy bandwidth measured in the same run.
+the step's memory speed: the bytes it must move at the in-place read + write bandwidth measured in
+the same run.
 On CUDA the steps are timed between synchronisations and the peak extra memory is torch's
 max_memory_allocated over the memory before the steps. Saves JSON and Markdown under --out.
 """
@@ -92,16 +94,18 @@ def bytes_moved_per_param(optimizer: str, element_size: int) -> float:
     return (2 + gradient_reads) * element_size + STATE_BYTES_MOVED[optimizer]
 
 
-def copy_bandwidth(device: str, n: int = 2**24, repeats: int = 15) -> float:
-    """Bytes a second of torch's copy_ between two float32 tensors of n elements (read + write), at
-    the fastest of the repeats: the roofline is what the machine can reach."""
-    x, y = torch.randn(n, device=device), torch.zeros(n, device=device)
+def memory_bandwidth(device: str, n: int = 2**28, repeats: int = 7) -> float:
+    """Bytes a second read and written by an in-place torch multiply of n float32 elements (1 GiB,
+    more than this VM's 480 MiB last-level cache: at 64 MiB it measured the cache, 88 GB/s), at the
+    fastest of the repeats. In place, as an optimizer step is: a copy into another buffer also reads
+    the destination before writing it and measured half as much."""
+    x = torch.randn(n, device=device)
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
         synchronize()
         start = time.perf_counter()
-        y.copy_(x)
+        x.mul_(1.0)
         synchronize()
         times.append(time.perf_counter() - start)
     return 2 * 4 * n / min(times)
@@ -145,39 +149,48 @@ class PeakCudaMemory:
         self.peak = torch.cuda.max_memory_allocated()
 
 
-def measure(make_params, make_optimizer, steps: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    params = make_params()
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-2
-    cuda = params[0].is_cuda
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    optimizer = make_optimizer(params)
-    start = time.perf_counter()
-    optimizer.step()  # creates the states (and compiles, for torchao and for the CUDA kernels)
-    synchronize()
-    first_step = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        optimizer.step()
-    times = []
-    for _ in range(steps):
-        synchronize()
+def measure(make_params, makers: dict, steps: int, warmup: int) -> dict:
+    """{optimizer name: result} for one parameter set. Every optimizer gets its own copy of the
+    parameters, and the timed steps go round-robin, one step of each in turn: on a shared VM whose
+    speed drifts (2x within an hour here), every optimizer then sees the same drift, and the ratios
+    of one run stay fair."""
+    setups = {}
+    for name, make_optimizer in makers.items():
+        torch.manual_seed(0)
+        params = make_params()
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        optimizer = make_optimizer(params)
+        synchronize = torch.cuda.synchronize if params[0].is_cuda else (lambda: None)
         start = time.perf_counter()
-        optimizer.step()
+        optimizer.step()  # creates the states (and compiles, for torchao and for the CUDA kernels)
         synchronize()
-        times.append(time.perf_counter() - start)
-    # memory in steps of their own: the sampling thread takes a share of a 2-core CPU, and timed
-    # steps beside it ran 10-40 % slower (the parallel kernels most)
-    with (PeakCudaMemory() if cuda else PeakMemory()) as memory:
-        for _ in range(MEMORY_STEPS):
+        first_step = time.perf_counter() - start
+        for _ in range(warmup - 1):
             optimizer.step()
-    n = sum(p.numel() for p in params)
-    result = {"ms_per_step": 1e3 * float(np.median(times)), "first_step_s": first_step,
-              "state_bytes_per_param": qo.state_bytes(optimizer) / n,
-              "peak_extra_bytes_per_param": (memory.peak - memory.start) / n, "params": n}
-    del optimizer, params
+        setups[name] = (params, optimizer, synchronize, first_step)
+    times = {name: [] for name in setups}
+    for _ in range(steps):
+        for name, (params, optimizer, synchronize, _) in setups.items():
+            synchronize()
+            start = time.perf_counter()
+            optimizer.step()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, (params, optimizer, synchronize, first_step) in setups.items():
+        # memory in steps of their own: the sampling thread takes a share of a 2-core CPU, and
+        # timed steps beside it ran 10-40 % slower (the parallel kernels most)
+        with (PeakCudaMemory() if params[0].is_cuda else PeakMemory()) as memory:
+            for _ in range(MEMORY_STEPS):
+                optimizer.step()
+        n = sum(p.numel() for p in params)
+        results[name] = {"ms_per_step": 1e3 * float(np.median(times[name])), "first_step_s": first_step,
+                         "state_bytes_per_param": qo.state_bytes(optimizer) / n,
+                         "peak_extra_bytes_per_param": (memory.peak - memory.start) / n, "params": n}
+    del setups
     gc.collect()
-    return result
+    return results
 
 
 def nonfinite_check_cost(make_params, repeats: int) -> dict:
@@ -227,8 +240,8 @@ def table(rows) -> str:
         align={"vs_fused": "right", "vs_bnb": "right", **({"of_roofline": "right"} if roofline else {})})
     text += "\n\n'vs' columns: how many times faster than that optimizer (above 1 = faster)."
     if roofline:
-        text += (" Memory speed: the bytes the step must move (bytes_moved_per_param) at the copy bandwidth "
-                 "measured in the same run; 'x memory speed' is the step's time over that.")
+        text += (" Memory speed: the bytes the step must move (bytes_moved_per_param) at the in-place memory "
+                 "bandwidth measured in the same run; 'x memory speed' is the step's time over that.")
     return text
 
 
@@ -237,7 +250,7 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=["single", "resnet18", "vit"],
                         choices=["single", "resnet18", "vit"])
     parser.add_argument("--single-size", type=int, default=2**24, help="elements of the 'single' case")
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-torchao", action="store_true", help="skip torchao (it compiles for ~20 s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -251,13 +264,12 @@ def main(argv=None):
         env["gpu"] = torch.cuda.get_device_name()
     sets = parameter_sets(args.cases, args.single_size, args.device, getattr(torch, args.dtype))
     print("environment:", json.dumps(env))
-    env["copy_bandwidth_gb_s"] = bandwidth = copy_bandwidth(args.device) / 1e9
+    env["memory_bandwidth_gb_s"] = bandwidth = memory_bandwidth(args.device) / 1e9
     element_size = getattr(torch, args.dtype).itemsize
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
+    print(f"memory bandwidth (in-place read + write): {bandwidth:.1f} GB/s")
     rows = []
     for case, make_params in sets.items():
-        for name, make_optimizer in optimizers(not args.no_torchao).items():
-            result = measure(make_params, make_optimizer, args.steps, args.warmup)
+        for name, result in measure(make_params, optimizers(not args.no_torchao), args.steps, args.warmup).items():
             result.update(case=case, optimizer=name,
                           roofline_ms=1e3 * bytes_moved_per_param(name, element_size) * result["params"]
                           / (bandwidth * 1e9))

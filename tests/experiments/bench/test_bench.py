@@ -29,5 +29,5 @@ def test_optimizer_benchmark_runs_and_records(tmp_path):
     assert bench_optim.bytes_moved_per_param("torch Adam (fused)", 4) == 28
     assert bench_optim.bytes_moved_per_param("quantlab Adam 32-bit", 4) == 32
     assert bench_optim.bytes_moved_per_param("quantlab Adam 8-bit", 2) == 8 + 4 * (1 + 4 / 256)
-    bandwidth = json.loads((tmp_path / "optim.json").read_text())["environment"]["copy_bandwidth_gb_s"]
+    bandwidth = json.loads((tmp_path / "optim.json").read_text())["environment"]["memory_bandwidth_gb_s"]
     assert by["torch Adam (fused)"]["roofline_ms"] == pytest.approx(28 * 20000 / (bandwidth * 1e9) * 1e3, rel=1e-12)
