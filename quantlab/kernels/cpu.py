@@ -113,7 +113,7 @@ def _quantize_block(xb, xb_bits, qb, search_table, zero_index):
     return scale
 
 
-# The parallel loops over blocks run over tasks of this many blocks, each allocating its block-sized
+# Kernels that need block-sized buffers run over tasks of this many blocks, each allocating its
 # buffers once: malloc and free per block were ~10 % of an 8-bit Adam step.
 BLOCKS_PER_TASK = 16
 
@@ -133,40 +133,34 @@ def _task_blocks(task, n_blocks):
 def quantize_blockwise(x, x_bits, block_size, search_table, zero_index, q, absmax):
     """Nearest rounding. x: float32[n], x_bits: the same memory as int32[n]; writes q, absmax.
     search_table: (table, points, shift, bias) of the code's midpoints (lookup.py)."""
-    for task in prange(_task_count(absmax.size)):
-        first, last = _task_blocks(task, absmax.size)
-        for block in range(first, last):
-            start, end = _block_bounds(block, block_size, x.size)
-            absmax[block] = _quantize_block(x[start:end], x_bits[start:end], q[start:end], search_table, zero_index)
+    for block in prange(absmax.size):
+        start, end = _block_bounds(block, block_size, x.size)
+        absmax[block] = _quantize_block(x[start:end], x_bits[start:end], q[start:end], search_table, zero_index)
 
 
 @numba.njit(parallel=True, cache=True)
 def quantize_blockwise_stochastic(x, x_bits, noise, block_size, search_table, values, zero_index, q, absmax):
     """Stochastic rounding with explicit uniform noise; search_table is the floor search."""
-    for task in prange(_task_count(absmax.size)):
-        first, last = _task_blocks(task, absmax.size)
-        for block in range(first, last):
-            start, end = _block_bounds(block, block_size, x.size)
-            qb, nb = q[start:end], noise[start:end]
-            scale, finite = _block_absmax(x_bits[start:end])
-            absmax[block] = scale
-            if scale == 0 or not finite:
-                for i in range(qb.size):  # not qb[:] = ...: see _quantize_block
-                    qb[i] = zero_index
-                continue
-            xb = x[start:end]
-            _quantize_into(xb, scale, search_table, qb)  # the lower neighbour
-            for i in range(xb.size):
-                qb[i] += _round_up(xb[i] / scale, nb[i], qb[i], values)
+    for block in prange(absmax.size):
+        start, end = _block_bounds(block, block_size, x.size)
+        qb, nb = q[start:end], noise[start:end]
+        scale, finite = _block_absmax(x_bits[start:end])
+        absmax[block] = scale
+        if scale == 0 or not finite:
+            for i in range(qb.size):  # not qb[:] = ...: see _quantize_block
+                qb[i] = zero_index
+            continue
+        xb = x[start:end]
+        _quantize_into(xb, scale, search_table, qb)  # the lower neighbour
+        for i in range(xb.size):
+            qb[i] += _round_up(xb[i] / scale, nb[i], qb[i], values)
 
 
 @numba.njit(parallel=True, cache=True)
 def dequantize_blockwise(q, absmax, values, block_size, out):
-    for task in prange(_task_count(absmax.size)):
-        first, last = _task_blocks(task, absmax.size)
-        for block in range(first, last):
-            start, end = _block_bounds(block, block_size, q.size)
-            _dequantize_into(q[start:end], values, absmax[block], out[start:end])
+    for block in prange(absmax.size):
+        start, end = _block_bounds(block, block_size, q.size)
+        _dequantize_into(q[start:end], values, absmax[block], out[start:end])
 
 
 # --- many arrays in one launch ---------------------------------------------------------------------
@@ -253,9 +247,8 @@ def largest_magnitude_bits(*arrays) -> int:
 # 3x slower (a 2**24-element 32-bit Adam step: 35 ms against 13 ms on this project's 2-core CPU).
 STEP_CHUNK = 1 << 16  # elements of one task of the 32-bit step
 
-# rows of the address tables: param, grad, state 1, state 2 (32-bit); param, grad, then the
-# indices and absmax of state 1 and of state 2 (8-bit); an unused state's addresses are never read
-STEP_32BIT_ARRAYS, STEP_8BIT_ARRAYS = 4, 6
+# Rows of the address tables: param, grad, state 1, state 2 (32-bit); param, grad, then the
+# indices and absmax of state 1 and of state 2 (8-bit); an unused state's addresses are never read.
 
 
 @lru_cache(maxsize=None)
