@@ -14,7 +14,8 @@ from pathlib import Path
 from .common import OUT, RESULTS, Skip
 
 # readme last: it gathers what the others wrote
-SCRIPTS = ("fig_code_error", "fig_quantize_speed", "fig_optim_speed", "table_optim_speed", "table_ssl", "readme")
+SCRIPTS = ("fig_code_error", "fig_quantize_speed", "fig_optim_speed", "table_optim_speed", "table_ssl", "table_lm",
+           "readme")
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,8 @@ SCRIPT_ROWS = (
      "recorded by": "the same"},
     {"script": "`table_ssl`", "reads": "`ssl_*.json` (optional)", "writes": "`table_ssl.md`",
      "recorded by": "`make ssl-protocols` (`python -m paper_figs.record_ssl`); skipped until one exists"},
+    {"script": "`table_lm`", "reads": "`lm_*.json`", "writes": "`table_lm_STUDY.md`, `fig_lm_STUDY.png`",
+     "recorded by": "`make lm-studies` (`python -m paper_figs.record_lm`; about an hour)"},
 )
 
 # (title, table, figure) in the order the page shows them; a missing file is left out
@@ -65,6 +67,12 @@ SECTIONS = (
     ("Block-wise quantization speed (CPU)", "fig_quantize_speed.md", "fig_quantize_speed.png"),
     ("One optimizer step (CPU)", "table_optim_speed.md", "fig_optim_speed.png"),
     ("Self-supervised training with 8-bit and 32-bit optimizer state", "table_ssl.md", None),
+    ("Language model: the learning rate of the stability study", "table_lm_lr_sweep.md", "fig_lm_lr_sweep.png"),
+    ("Language model: stability of 8-bit states (the paper's Table 3)", "table_lm_stability.md",
+     "fig_lm_stability.png"),
+    ("Language model: the same at a 4x smaller learning rate", "table_lm_stability_moderate_lr.md",
+     "fig_lm_stability_moderate_lr.png"),
+    ("Language model: 8-bit vs 32-bit states (a Table 1 row)", "table_lm_table1.md", "fig_lm_table1.png"),
 )
 
 

@@ -11,7 +11,6 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import quantlab
 from experiments import distributed
-from experiments.engine.config import RunConfig
 
 # The layout of checkpoint.pt: raise it when a key or the form of a saved state changes, so that an
 # older checkpoint is refused by name rather than half-loaded. 1: states as quantlab.optim.QuantizedState.
@@ -85,16 +84,17 @@ def remove_stale_temporaries(out_dir: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def check_resumable(saved: dict, config: RunConfig, step: int, total_steps: int) -> None:
-    """Raises unless a run of ``config`` may continue from a checkpoint of config ``saved`` at ``step``,
-    saying which settings differ."""
+def check_resumable(saved: dict, config, step: int, total_steps: int, resumable=RESUMABLE_CHANGES) -> None:
+    """Raises unless a run of ``config`` (a RunConfig, or another config with to_dict) may continue from
+    a checkpoint of config ``saved`` at ``step``, saying which settings differ; only the keys in
+    ``resumable`` may."""
     current, absent = config.to_dict(), "(absent)"
     changed = [f"{k}: {saved.get(k, absent)!r} in the checkpoint, {current.get(k, absent)!r} now"
                for k in sorted(set(current) | set(saved), key=str)
-               if k not in RESUMABLE_CHANGES and saved.get(k, absent) != current.get(k, absent)]
+               if k not in resumable and saved.get(k, absent) != current.get(k, absent)]
     if changed:
         raise ValueError("cannot resume: the config differs from the checkpoint's in " + "; ".join(changed)
-                         + f" (only {sorted(RESUMABLE_CHANGES)} may change)")
+                         + f" (only {sorted(resumable)} may change)")
     if total_steps < step:
         raise ValueError(f"cannot resume: the checkpoint is at step {step}, past this config's {total_steps} steps")
 

@@ -185,9 +185,10 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_config(*layers: dict) -> RunConfig:
-    """The defaults, then each layer (a config file's table, CLI overrides, ...) in order."""
+def load_config(*layers: dict, kind=RunConfig):
+    """The defaults of `kind` (RunConfig, or LMConfig of engine/language_model.py), then each layer (a
+    config file's table, CLI overrides, ...) in order."""
     values = {}
     for layer in layers:
         values = merge(values, layer)
-    return RunConfig.from_dict(values)
+    return kind.from_dict(values)

@@ -21,7 +21,8 @@ class Progress:
         self.last_line = now
         rate = (record["step"] - self.first) / max(now - self.start, 1e-9)
         eta = (self.total - record["step"]) / max(rate, 1e-9)
-        line = (f"step {record['step']}/{self.total} | epoch {record['epoch'] + 1} | loss {record['loss']:.4f} | "
+        epoch = f" | epoch {record['epoch'] + 1}" if "epoch" in record else ""  # language models count steps only
+        line = (f"step {record['step']}/{self.total}{epoch} | loss {record['loss']:.4f} | "
                 f"{rate:.2f} steps/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
         print(("\r" if self.terminal else "") + line, end="\n" if done or not self.terminal else "",
               file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ TINY_FLAGS = ["--train-subset", "32", "--batch-size", "16", "--threads", "1", "-
 
 
 def config_from(argv):
-    return cli.pretrain_config(cli.parser().parse_args(["pretrain", "--out", "unused", *argv]))
+    return cli.train_config(cli.parser().parse_args(["pretrain", "--out", "unused", *argv]))
 
 
 def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
@@ -121,3 +121,20 @@ def test_compare_command_tabulates_the_runs_given(demo_dir, tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     with pytest.raises(ValueError, match="distinct"):
         cli.main(["compare", str(runs[0]), str(runs[0]), "--out", str(tmp_path)])
+
+
+def test_lm_train_resolves_its_config_the_same_way_and_runs(tmp_path, capsys):
+    from experiments.engine.language_model import LMConfig
+
+    (tmp_path / "lm.toml").write_text('code = "linear"\nsteps = 50\nwidth = 32\n')
+    argv = ["lm-train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "lm.toml"), "--steps", "6",
+            "--set", "embedding=stable", "--set", "corpus=shakespeare-slice", "--set", "depth=1",
+            "--set", "warmup_steps=1", "--set", "eval_every=3", "--set", "eval_tokens=256", "--threads", "1",
+            "--quiet"]
+    config = cli.train_config(cli.parser().parse_args(argv), cli.LM_FLAGS, LMConfig)
+    assert (config.code, config.steps, config.width, config.embedding) == ("linear", 6, 32, "stable")
+    summary = cli.main(argv)
+    assert summary["steps"] == 6 and json.loads(capsys.readouterr().out)["steps"] == 6
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["code"] == "linear"
+    with pytest.raises(ValueError, match="library must be one of"):
+        cli.main([*argv, "--overwrite", "--set", "library=numpy"])

@@ -93,7 +93,7 @@ def test_recording_the_code_error_study(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["fig_code_error", "fig_quantize_speed", "fig_optim_speed", "table_optim_speed",
-                                    "table_ssl"])
+                                    "table_ssl", "table_lm"])
 def test_each_script_runs_on_its_own(module, tmp_path):
     done = run("--out", tmp_path, module=f"paper_figs.{module}")
     assert done.returncode == 0, done.stderr
@@ -128,3 +128,34 @@ def test_protocol_records_are_filed_and_tabulated_with_their_variants(tmp_path):
     record["variants"][1]["runs"] = []  # an unfinished variant is not filed
     (tmp_path / "record.json").write_text(json.dumps(record))
     assert run(tmp_path / "record.json", "--results", results, module="paper_figs.record_ssl").returncode != 0
+
+
+def test_language_model_records_are_filed_and_tabulated(tmp_path):
+    from experiments.studies import language
+
+    study = language.Study("stability", "a two-cell study", {"8-bit / standard": {}, "32-bit / stable": {}}, (0, 1))
+    runs = [{"cell": cell, "seed": seed, "final_val_loss": 2.0 + seed / 8 + (cell[0] == "8"), "unstable": None,
+             "untrained_val_loss": 5.5, "unigram_val_loss": 3.25, "optimizer_state_bytes": 2048,
+             "optimizer_ms_per_step": 1.5, "v_zero_fraction_max": None, "v_zero_fraction_max_per_tensor": None,
+             "curve": [[0, 5.5], [10, 2.0 + seed / 8]]}
+            for seed in (0, 1) for cell in study.cells]
+    record = {"study": "stability", "what": study.what, "command": "python -m experiments.studies.language stability",
+              "settings": {}, "cells": study.cells, "seeds": [0, 1], "runs": runs,
+              "rows": language.cell_rows(study, runs)}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    results = tmp_path / "results"
+    results.mkdir()
+    done = run(tmp_path / "record.json", "--results", results, module="paper_figs.record_lm")
+    assert done.returncode == 0, done.stderr
+    done = run("--results", results, "--out", tmp_path / "out", module="paper_figs.table_lm")
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table_lm_stability.md").read_text()
+    assert "| 8-bit / standard | 2 | 0 |  | 3.062 | 0.125 | 21.38 |" in text
+    assert "| 32-bit / stable | 2 | 0 |  | 2.062 | 0.125 |" in text
+    assert "unigram (byte frequencies of train) 3.250 nats" in text and "the untrained model 5.500 nats" in text
+    assert (tmp_path / "out" / "fig_lm_stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    record["runs"] = runs[1:]  # a study with a run missing is not filed
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    done = run(tmp_path / "record.json", "--results", results, module="paper_figs.record_lm")
+    assert done.returncode != 0 and "1 runs are not finished" in done.stderr

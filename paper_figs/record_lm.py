@@ -1,0 +1,40 @@
+"""File a language-model study's record: python -m paper_figs.record_lm results/lm/stability/record.json ...
+
+Each record.json (written by ``python -m experiments.studies.language STUDY``) is checked to hold a
+finished run of every cell and seed, and copied to paper_figs/results/lm_STUDY.json (dashes as underscores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import RESULTS
+
+
+def file_record(path: Path, results: Path = RESULTS) -> Path:
+    record = json.loads(Path(path).read_text())
+    if not {"study", "what", "command", "cells", "seeds", "runs", "rows"} <= set(record):
+        raise ValueError(f"{path} is not a language-model study record (python -m experiments.studies.language "
+                         f"writes them)")
+    finished = {(run["cell"], run["seed"]) for run in record["runs"]}
+    missing = [f"{cell} seed {seed}" for seed in record["seeds"] for cell in record["cells"]
+               if (cell, seed) not in finished]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} runs are not finished yet, e.g. {missing[:3]}")
+    target = Path(results) / f"lm_{record['study'].replace('-', '_')}.json"
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", type=Path, nargs="+")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for path in args.records:
+        print(f"filed {file_record(path, args.results)}")
+
+
+if __name__ == "__main__":
+    main()
