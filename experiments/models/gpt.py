@@ -1,8 +1,9 @@
 """A small decoder-only transformer language model (GPT-2's shape, at a CPU's scale): token and
-position embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm and a linear
-head over the vocabulary. The token embedding is torch's, or quantlab's StableEmbedding (Dettmers et
-al. 2022, section 2.3: Xavier init, a layer norm on its output, 32-bit optimizer state), the layer
-whose effect on 8-bit training the stability ablation measures.
+position embeddings, pre-norm blocks of causal self-attention (vit.py's Attention with a causal mask)
+and an MLP, a final norm and a linear head over the vocabulary. The token embedding is torch's, or
+quantlab's StableEmbedding (Dettmers et al. 2022, section 2.3: Xavier init, a layer norm on its
+output, 32-bit optimizer state), the layer whose effect on 8-bit training the stability ablation
+measures.
 """
 from __future__ import annotations
 
@@ -10,27 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.models.vit import Attention
 from quantlab.nn import StableEmbedding
 
 EMBEDDINGS = ("standard", "stable")
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head attention in which position t attends to positions <= t only."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} does not split into {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
 class Block(nn.Module):
@@ -39,7 +23,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attention = CausalSelfAttention(width, heads)
+        self.attention = Attention(width, heads, causal=True)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,18 +18,21 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens."""
+    """Multi-head self-attention over all tokens, or (causal, for a language model) over the tokens up to
+    each one's own position."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D / heads]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, heads, L, D / heads]
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
@@ -58,8 +61,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.num_patches = (image_size // patch_size) ** 2
         # a conv with stride = kernel = patch is a linear map of each flattened patch

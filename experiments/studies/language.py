@@ -211,7 +211,7 @@ def markdown(record: dict) -> str:
 
 # the model's tensors with 8-bit states, by role (models/gpt.py's parameter names)
 LAYER_ROLES = {"token_embedding.weight": "token embedding", "position_embedding": "position embedding",
-               "attention.qkv.weight": "attention qkv", "attention.proj.weight": "attention out",
+               "qkv.weight": "attention qkv", "proj.weight": "attention out",
                "mlp.0.weight": "MLP in", "mlp.2.weight": "MLP out", "head.weight": "head"}
 
 
@@ -255,7 +255,8 @@ def zero_v_markdown(record: dict) -> str:
 def recorded_with(environment: dict | None) -> str:
     if not environment:
         return ""
-    keys = ("cpu", "cpu_count", "torch_threads", "python", "torch", "numba", "bitsandbytes", "quantlab", "git_commit", "git_dirty")
+    keys = ("cpu", "cpu_count", "torch_threads", "python", "torch", "numba", "bitsandbytes", "quantlab", "git_commit",
+            "git_dirty")
     return "Recorded with " + ", ".join(f"{k} {environment[k]}" for k in keys if k in environment) + ".\n\n"
 
 

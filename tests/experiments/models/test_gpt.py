@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import quantlab.optim
-from experiments.models.gpt import GPT, CausalSelfAttention
+from experiments.models.gpt import GPT
+from experiments.models.vit import Attention
 from quantlab.nn import StableEmbedding
 
 
@@ -32,7 +33,7 @@ def test_a_position_sees_no_later_token():
 
 def test_attention_matches_a_loop_over_positions_and_heads():
     torch.manual_seed(1)
-    attention = CausalSelfAttention(width=12, heads=3)
+    attention = Attention(dim=12, heads=3, causal=True)
     x = torch.randn(2, 5, 12, dtype=torch.float64)
     attention = attention.double().requires_grad_(False)
     q, k, v = attention.qkv(x).split(12, dim=-1)
@@ -71,7 +72,7 @@ def test_bad_shapes_and_options_are_refused():
         small()(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="embedding must be one of"):
         small(embedding="sparse")
-    with pytest.raises(ValueError, match="does not split"):
+    with pytest.raises(ValueError, match="not divisible by heads"):
         small(heads=5)
 
 
