@@ -68,3 +68,14 @@ def run_one(make, argv=None) -> int:
     except Skip as why:
         print(f"skipped {make.__module__}: {why}")
     return 0
+
+
+def file_records(file_record, description: str, argv=None) -> None:
+    """``python -m paper_figs.record_*``: each record named on the command line checked and filed by
+    ``file_record(path, results)``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", type=Path, nargs="+")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for path in args.records:
+        print(f"filed {file_record(path, args.results)}")

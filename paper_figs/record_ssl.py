@@ -5,11 +5,10 @@ variant's finished runs and copied to paper_figs/results/ssl_PROTOCOL.json (dash
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from .common import RESULTS
+from .common import RESULTS, file_records
 
 
 def file_record(path: Path, results: Path = RESULTS) -> Path:
@@ -25,12 +24,7 @@ def file_record(path: Path, results: Path = RESULTS) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("records", type=Path, nargs="+")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    for path in args.records:
-        print(f"filed {file_record(path, args.results)}")
+    file_records(file_record, __doc__, argv)
 
 
 if __name__ == "__main__":

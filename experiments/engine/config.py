@@ -22,8 +22,27 @@ CODES = ("dynamic", "linear")
 DEVICES = ("cpu", "cuda")
 
 
+class SavedConfig:
+    """What a config dataclass shares: to_dict, from_dict (unknown keys refused, naming the valid ones)
+    and save as JSON (config.json of a run directory)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**values)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
 @dataclass
-class RunConfig:
+class RunConfig(SavedConfig):
     # what is trained
     method: str = "moco"
     method_options: dict = field(default_factory=dict)  # passed to methods.make_method
@@ -110,19 +129,6 @@ class RunConfig:
         except TypeError as error:  # a string where a number belongs
             raise ValueError(f"bad augment option: {error}") from error
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**values)
-
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _choice(name, value, choices):

@@ -17,7 +17,6 @@ resumed run is bit-identical to one never stopped. A non-finite loss or gradient
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -37,7 +36,7 @@ from experiments.engine.checkpoint import (
     restore,
     save_atomically,
 )
-from experiments.engine.config import _choice, _float_tuple, _integer, _nonnegative
+from experiments.engine.config import SavedConfig, _choice, _float_tuple, _integer, _nonnegative
 from experiments.engine.loop import derived_seed
 from experiments.engine.optimizer import ALGORITHMS, LIBRARIES, algorithm_hyperparameters, optimizer_class_for
 from experiments.engine.progress import Progress
@@ -53,7 +52,7 @@ EVAL_BATCH = 64  # windows a forward pass during evaluation
 
 
 @dataclass
-class LMConfig:
+class LMConfig(SavedConfig):
     # the model (models/gpt.py); the defaults are nanoGPT's CPU run of character-level Shakespeare
     corpus: str = "shakespeare"
     context: int = 64
@@ -118,19 +117,6 @@ class LMConfig:
             raise ValueError("bitsandbytes keeps 8-bit states in 256-element blocks with the dynamic code only; got "
                              f"state_bits={self.state_bits}, block_size={self.block_size}, code={self.code!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LMConfig":
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**values)
-
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def build_model(config: LMConfig) -> GPT:

@@ -28,12 +28,11 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.engine.config import merge
-from experiments.studies.sweep import execute, override_texts
+from experiments.studies.sweep import execute_all, override_texts
 from quantlab.tables import markdown_table
 
 SPIKE_NATS = 0.5
@@ -324,18 +323,10 @@ def run(study: Study, out: Path, workers: int, table_only: bool = False, command
         todo = [r for r in study.plan() if not (out / "runs" / run_name(*r) / "summary.json").exists()]
         print(f"{len(study.plan()) - len(todo)} of {len(study.plan())} runs finished; {len(todo)} to go on "
               f"{workers} workers x {threads} threads", flush=True)
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {}
-            for cell, seed in todo:
-                run_dir = out / "runs" / run_name(cell, seed)
-                line = command(run_dir, study.run_settings(cell, seed), threads)
-                futures[pool.submit(execute, run_dir, [line], threads)] = run_name(cell, seed)
-            for done, future in enumerate(as_completed(futures), 1):
-                try:
-                    print(f"[{done}/{len(todo)}] {futures[future]} finished in {future.result():.0f} s", flush=True)
-                except RuntimeError as error:
-                    failures.append(futures[future])
-                    print(f"[{done}/{len(todo)}] {futures[future]} FAILED: {error}", flush=True)
+        jobs = {run_name(cell, seed): (out / "runs" / run_name(cell, seed),
+                                       [command(out / "runs" / run_name(cell, seed), study.run_settings(cell, seed),
+                                                threads)]) for cell, seed in todo}
+        failures = execute_all(jobs, workers, threads)
     record = write_record(study, out, command_line)
     print(markdown(record))
     print(f"saved {out}/record.json, table.md and curves.png")

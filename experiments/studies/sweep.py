@@ -144,6 +144,21 @@ def execute(run_dir: Path, commands, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def execute_all(jobs: dict[str, tuple[Path, list]], workers: int, threads: int) -> list[str]:
+    """Runs every job (name -> (run directory, its commands)) with `execute`, `workers` at a time, printing
+    each as it ends; returns the names of those that failed."""
+    failures = []
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(execute, run_dir, commands, threads): name for name, (run_dir, commands) in jobs.items()}
+        for done, future in enumerate(as_completed(futures), 1):
+            try:
+                print(f"[{done}/{len(jobs)}] {futures[future]} finished in {future.result():.0f} s", flush=True)
+            except RuntimeError as error:
+                failures.append(futures[future])
+                print(f"[{done}/{len(jobs)}] {futures[future]} FAILED: {error}", flush=True)
+    return failures
+
+
 def run_result(run_dir: Path, eval_datasets: list[str] = ()) -> dict | None:
     """A finished run's numbers (metrics named METRIC@DATASET with eval_datasets), or None while an
     evaluation is missing."""
@@ -252,16 +267,9 @@ def run(sweep: Sweep, out: Path, workers: int = os.cpu_count() or 1, only: list[
         todo = [r for r in chosen if run_result(out / "runs" / run_name(*r), sweep.eval_datasets) is None]
         print(f"{len(chosen) - len(todo)} of {len(chosen)} runs already evaluated; {len(todo)} to go on "
               f"{workers} workers x {threads} threads", flush=True)
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(execute, out / "runs" / run_name(*r),
-                                   sweep.commands(out / "runs" / run_name(*r), *r, threads), threads): r for r in todo}
-            for done, future in enumerate(as_completed(futures), 1):
-                name = run_name(*futures[future])
-                try:
-                    print(f"[{done}/{len(todo)}] {name} finished in {future.result():.0f} s", flush=True)
-                except RuntimeError as error:
-                    failures.append(name)
-                    print(f"[{done}/{len(todo)}] {name} FAILED: {error}", flush=True)
+        failures = execute_all({run_name(*r): (out / "runs" / run_name(*r),
+                                               sweep.commands(out / "runs" / run_name(*r), *r, threads)) for r in todo},
+                               workers, threads)
     command = shlex.join(["python", "-m", "experiments.studies.sweep", "--out", str(out), *sweep.arguments()])
     rows = write_table(out, sweep, command)
     print(markdown(rows))
