@@ -70,12 +70,15 @@ def run_one(make, argv=None) -> int:
     return 0
 
 
-def file_records(file_record, description: str, argv=None) -> None:
-    """``python -m paper_figs.record_*``: each record named on the command line checked and filed by
-    ``file_record(path, results)``."""
+def file_records(filed_name, description: str, argv=None) -> None:
+    """``python -m paper_figs.record_*``: each record (JSON) named on the command line copied into the
+    results folder as ``filed_name(record, path)``, which checks it first (raising ValueError)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", type=Path, nargs="+")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for path in args.records:
-        print(f"filed {file_record(path, args.results)}")
+        record = json.loads(path.read_text())
+        target = args.results / filed_name(record, path)
+        target.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"filed {target}")

@@ -5,14 +5,12 @@ finished run of every cell and seed, and copied to paper_figs/results/lm_STUDY.j
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .common import RESULTS, file_records
+from .common import file_records
 
 
-def file_record(path: Path, results: Path = RESULTS) -> Path:
-    record = json.loads(Path(path).read_text())
+def filed_name(record: dict, path: Path) -> str:
     if not {"study", "what", "command", "cells", "seeds", "runs", "rows"} <= set(record):
         raise ValueError(f"{path} is not a language-model study record (python -m experiments.studies.language "
                          f"writes them)")
@@ -21,13 +19,11 @@ def file_record(path: Path, results: Path = RESULTS) -> Path:
                if (cell, seed) not in finished]
     if missing:
         raise ValueError(f"{path}: {len(missing)} runs are not finished yet, e.g. {missing[:3]}")
-    target = Path(results) / f"lm_{record['study'].replace('-', '_')}.json"
-    target.write_text(json.dumps(record, indent=2) + "\n")
-    return target
+    return f"lm_{record['study'].replace('-', '_')}.json"
 
 
 def main(argv=None):
-    file_records(file_record, __doc__, argv)
+    file_records(filed_name, __doc__, argv)
 
 
 if __name__ == "__main__":
