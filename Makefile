@@ -27,7 +27,7 @@ lm-demo: install-demo
 	$(PYTHON) -m experiments lm-demo --out results/lm-demo
 
 # the recorded language-model studies (about an hour on 2 cores; resumable), filed under paper_figs/results/
-LM_STUDIES = lr-sweep stability stability-moderate-lr table1
+LM_STUDIES = lr-sweep stability stability-moderate-lr table1 four-bit state-bits
 lm-studies: install-demo
 	for study in $(LM_STUDIES); do $(PYTHON) -m experiments.studies.language $$study --out results/lm || exit 1; done
 	$(PYTHON) -m paper_figs.record_lm $(foreach study,$(LM_STUDIES),results/lm/$(study)/record.json)
@@ -50,7 +50,7 @@ figures: install-demo
 	$(PYTHON) -m paper_figs
 
 # the recorded experiments (hours on 2 cores; resumable), filed under paper_figs/results/
-SSL_PROTOCOLS = five-methods medical-mae pass
+SSL_PROTOCOLS = five-methods medical-mae pass four-bit
 ssl-protocols: install-demo
 	for protocol in $(SSL_PROTOCOLS); do $(PYTHON) -m experiments.studies.protocols $$protocol --out results/ssl || exit 1; done
 	$(PYTHON) -m paper_figs.record_ssl $(foreach protocol,$(SSL_PROTOCOLS),results/ssl/$(protocol)/record.json)

@@ -18,7 +18,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def set_learning_rate(optimizer, peak_lr: float, factor: float) -> float:
-    """Each param group's lr = peak_lr * factor * its "lr_scale" (1 unless layer-wise decay set one)."""
+    """Each param group's lr = peak_lr * factor * its "lr_scale" (1 unless layer-wise decay set one). A
+    group whose lr is a tensor (torchao's optimizers keep it so, and refuse a float) gets it in place."""
     for group in optimizer.param_groups:
-        group["lr"] = peak_lr * factor * group.get("lr_scale", 1.0)
+        lr = peak_lr * factor * group.get("lr_scale", 1.0)
+        if hasattr(group["lr"], "fill_"):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
     return peak_lr * factor

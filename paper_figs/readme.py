@@ -73,6 +73,9 @@ SECTIONS = (
     ("Language model: the same at a 4x smaller learning rate", "table_lm_stability_moderate_lr.md",
      "fig_lm_stability_moderate_lr.png"),
     ("Language model: 8-bit vs 32-bit states (a Table 1 row)", "table_lm_table1.md", "fig_lm_table1.png"),
+    ("Language model: 4-bit AdamW states (Li et al. 2023)", "table_lm_four_bit.md", "fig_lm_four_bit.png"),
+    ("Language model: 2- to 8-bit states by code", "table_lm_state_bits.md", "fig_lm_state_bits_by_code.png"),
+    ("Language model: 2- to 8-bit states, validation curves", None, "fig_lm_state_bits.png"),
 )
 
 
@@ -83,13 +86,14 @@ def results_page(out: Path, links: str) -> str:
                              headers={"reads": "reads (results/)", "writes": "writes (out/)"})
     parts = [INTRO.format(scripts=scripts)]
     for title, table, figure in SECTIONS:
-        text_path, figure_path = Path(out) / table, Path(out) / figure if figure else None
-        if not text_path.is_file() and not (figure_path and figure_path.is_file()):
+        text_path = Path(out) / table if table else None
+        figure_path = Path(out) / figure if figure else None
+        if not (text_path and text_path.is_file()) and not (figure_path and figure_path.is_file()):
             continue
         parts.append(f"## {title}\n")
         if figure_path and figure_path.is_file():
             parts.append(f"![{title}]({links}{figure})\n")
-        if text_path.is_file():
+        if text_path and text_path.is_file():
             text = text_path.read_text().strip("\n")
             parts.append("\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()) + "\n")
     return "\n".join(parts)

@@ -1,6 +1,7 @@
 """Tables and figures of the language-model studies, once recorded: per results/lm_STUDY.json
 (``python -m experiments.studies.language STUDY``, filed by ``python -m paper_figs.record_lm``)
-out/table_lm_STUDY.md and out/fig_lm_STUDY.png (validation-loss curves, one panel a cell)."""
+out/table_lm_STUDY.md and out/fig_lm_STUDY.png (validation-loss curves, one panel a cell); for the
+state-bits study also out/fig_lm_state_bits_by_code.png (final loss against state bits, one line a code)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ def make(results: Path, out: Path) -> list[Path]:
         name = path.stem.removeprefix("lm_")
         written.append(save_text(language.markdown(record), Path(out) / f"table_lm_{name}.md"))
         written.append(language.plot_curves(record, Path(out) / f"fig_lm_{name}.png"))
+        if record["study"] == "state-bits":
+            written.append(language.plot_state_bits(record, Path(out) / "fig_lm_state_bits_by_code.png"))
     return written
 
 

@@ -12,6 +12,11 @@ from the values alone:
 * ``floor_points``: ``count(floor_points < u)`` is the index of the largest value <= u,
   the lower neighbour that stochastic rounding starts from.
 
+Zero-free codes (Li, Chen and Zhu 2023, "Memory Efficient Optimizers with 4-bit States"): a code
+for non-negative states (Adam's v) may leave 0.0 out, so that no positive value is ever stored as 0
+(1 / sqrt(v) of a v stored as 0 is eps's inverse: the zero-point problem). Its smallest value
+stands in for zero: an all-zero block stores absmax 0, which still dequantizes to 0.
+
 Constructors: ``dynamic_code``, ``linear_code``, ``quantile_code``, ``fp8_code`` and the minifloats
 ``float_code``; ``make_code`` picks one of the ``FAMILIES`` for a given bit width and data.
 """
@@ -35,7 +40,9 @@ def _round_down_to_float32(x64: np.ndarray) -> np.ndarray:
 
 
 class Code:
-    """An immutable quantization map: ``values`` (sorted, unique, float32, in [-1, 1], holding 0.0)."""
+    """An immutable quantization map: ``values`` (sorted, unique, float32, in [-1, 1]), holding 0.0
+    or all positive (a zero-free code). ``zero_index`` is the index of 0.0, or of the smallest value
+    of a zero-free code: what an all-zero block stores (with absmax 0)."""
 
     __slots__ = ("values", "name", "bits", "midpoints", "floor_points", "zero_index", "_key")
 
@@ -53,8 +60,9 @@ class Code:
             if np.any(np.diff(v) < 0):
                 raise ValueError("code values must be sorted in increasing order")
             raise ValueError("code values must be unique (after rounding to float32)")
-        if not np.any(v == 0):
-            raise ValueError("code values must contain 0.0 so that zeros and all-zero blocks are exact")
+        if not np.any(v == 0) and v[0] < 0:
+            raise ValueError("code values must contain 0.0 so that zeros and all-zero blocks are exact "
+                             "(only a code of positive values may leave it out: a zero-free code)")
         if bits is None:
             bits = max(MIN_BITS, int(np.ceil(np.log2(v.size))))
         bits = _check_bits(bits)
@@ -67,7 +75,7 @@ class Code:
         for a in (mid, floor):
             a.setflags(write=False)
         for slot, value in [("values", v), ("name", str(name)), ("bits", int(bits)), ("midpoints", mid),
-                            ("floor_points", floor), ("zero_index", int(np.flatnonzero(v == 0)[0])),
+                            ("floor_points", floor), ("zero_index", int(np.argmin(np.abs(v)))),
                             ("_key", (v.tobytes(), int(bits)))]:
             object.__setattr__(self, slot, value)
 
@@ -80,6 +88,11 @@ class Code:
     @property
     def signed(self) -> bool:
         return bool(self.values[0] < 0)
+
+    @property
+    def zero_free(self) -> bool:
+        """No value is 0: every stored element dequantizes to a non-zero value unless its absmax is 0."""
+        return bool(self.values[0] > 0)
 
     def __len__(self) -> int:
         return self.values.size
@@ -125,7 +138,7 @@ def _linspace_like_torch(start: float, end: float, steps: int) -> np.ndarray:
                     dtype=np.float32)
 
 
-def dynamic_code(signed: bool = True, bits: int = 8, symmetric: bool = False) -> Code:
+def dynamic_code(signed: bool = True, bits: int = 8, symmetric: bool = False, include_zero: bool = True) -> Code:
     """Dynamic tree map of Dettmers (2016), in bitsandbytes' ``create_dynamic_map`` layout.
 
     For exponent level i = 0 .. bits-2 the decade is 10**(i - (bits - 2)); in it lie the midpoints
@@ -134,10 +147,14 @@ def dynamic_code(signed: bool = True, bits: int = 8, symmetric: bool = False) ->
     map: -1.0 is not in the signed map, so a block whose largest magnitude is negative is not
     stored exactly. ``symmetric=True`` mirrors the positive half (1.0 included) onto the negatives
     and drops the smallest-magnitude pair to fit: 2**bits - 1 values, -1.0 and 1.0 both exact.
+    ``include_zero=False`` (unsigned only) leaves 0 out: Li et al.'s zero-free "DE-0" map,
+    2**bits - 1 values whose smallest, 0.325 * 10**-(bits - 2), stands in for zero.
     """
     bits = _check_bits(bits)
     if symmetric and not signed:
         raise ValueError("symmetric=True needs signed=True")
+    if not include_zero and signed:
+        raise ValueError("include_zero=False is for unsigned codes (signed states need 0: m is 0 where g is)")
     levels = bits - 1
     positive = []
     for i in range(levels):
@@ -154,14 +171,23 @@ def dynamic_code(signed: bool = True, bits: int = 8, symmetric: bool = False) ->
         values = np.concatenate([-positive[:-1], [0.0], positive])
         name = f"dynamic{bits}-signed"
     else:
-        values = np.concatenate([[0.0], positive])
-        name = f"dynamic{bits}-unsigned"
+        values = np.concatenate([[0.0], positive]) if include_zero else positive
+        name = f"dynamic{bits}-unsigned" + ("" if include_zero else "-zero-free")
     return Code(np.sort(values.astype(np.float32)), name, bits)
 
 
-def linear_code(bits: int = 8, signed: bool = True) -> Code:
-    """Evenly spaced values: 2**bits - 1 in [-1, 1] (odd, so 0 is one of them) or 2**bits in [0, 1]."""
+def linear_code(bits: int = 8, signed: bool = True, include_zero: bool = True) -> Code:
+    """Evenly spaced values: 2**bits - 1 in [-1, 1] (odd, so 0 is one of them) or 2**bits in [0, 1].
+
+    ``include_zero=False`` (unsigned only): Li et al.'s zero-free linear map (i + 1) / 2**bits,
+    i = 0 .. 2**bits - 1, the paper's 4-bit code for the second moment.
+    """
     bits = _check_bits(bits)
+    if not include_zero:
+        if signed:
+            raise ValueError("include_zero=False is for unsigned codes (signed states need 0: m is 0 where g is)")
+        values = np.arange(1, 2**bits + 1) / 2**bits
+        return Code(values.astype(np.float32), f"linear{bits}-unsigned-zero-free", bits)
     values = np.linspace(-1.0, 1.0, 2**bits - 1) if signed else np.linspace(0.0, 1.0, 2**bits)
     return Code(values.astype(np.float32), f"linear{bits}-{'signed' if signed else 'unsigned'}", bits)
 
@@ -244,6 +270,7 @@ def float_code(bits: int = 8, exponent_bits: int | None = None, signed: bool = T
 
 
 FAMILIES = ("dynamic", "dynamic-symmetric", "linear", "quantile", "float")
+ZERO_FREE_FAMILIES = ("dynamic-zero-free", "linear-zero-free")  # unsigned only: for non-negative data
 
 
 def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = None) -> Code | None:
@@ -251,7 +278,8 @@ def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = Non
 
     ``signed`` defaults to whether ``sample`` holds a negative value (True without a sample): non-
     negative data such as Adam's v get the unsigned variant. ``"quantile"`` is fitted to ``sample``.
-    Returns None where the family has no such variant (``"dynamic-symmetric"`` unsigned).
+    Returns None where the family has no such variant (``"dynamic-symmetric"`` unsigned, the
+    ``ZERO_FREE_FAMILIES`` signed).
     """
     if signed is None:
         signed = sample is None or bool(np.any(np.asarray(sample) < 0))
@@ -259,6 +287,11 @@ def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = Non
         return dynamic_code(signed, bits)
     if family == "dynamic-symmetric":
         return dynamic_code(True, bits, symmetric=True) if signed else None
+    if family in ZERO_FREE_FAMILIES:
+        if signed:
+            return None
+        return (dynamic_code if family == "dynamic-zero-free" else linear_code)(signed=False, bits=bits,
+                                                                                include_zero=False)
     if family == "linear":
         return linear_code(bits, signed)
     if family == "quantile":
@@ -267,7 +300,7 @@ def make_code(family: str, bits: int = 8, sample=None, signed: bool | None = Non
         return quantile_code(sample, bits)
     if family == "float":
         return float_code(bits, signed=signed)
-    raise ValueError(f"unknown code family {family!r}; choose one of {FAMILIES}")
+    raise ValueError(f"unknown code family {family!r}; choose one of {FAMILIES + ZERO_FREE_FAMILIES}")
 
 
 def family_codes(bits: int = 8, families: Iterable[str] = FAMILIES) -> dict[str, Callable]:

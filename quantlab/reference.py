@@ -15,6 +15,7 @@ always returns float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,6 +74,18 @@ def check_indices(q, code: Code) -> np.ndarray:
     return q
 
 
+def check_scales(scales, size: int, what: str) -> np.ndarray:
+    """A 1-D float32 array of ``size`` finite, non-negative scales (block absmax, row or column max)."""
+    scales = np.asarray(scales)
+    if scales.dtype != np.float32 or scales.ndim != 1:
+        raise TypeError(f"{what} must be a 1-D float32 array, got {scales.dtype} with shape {scales.shape}")
+    if scales.size != size:
+        raise ValueError(f"{what} has {scales.size} entries, {size} are needed")
+    if not np.all(np.isfinite(scales) & (scales >= 0)):
+        raise ValueError(f"{what} values must be finite and non-negative")
+    return scales
+
+
 def check_absmax(absmax, n: int, block_size: int) -> np.ndarray:
     absmax = np.asarray(absmax)
     if absmax.dtype != np.float32 or absmax.ndim != 1:
@@ -81,9 +94,7 @@ def check_absmax(absmax, n: int, block_size: int) -> np.ndarray:
     if absmax.size != expected:
         raise ValueError(f"absmax has {absmax.size} entries; {n} elements in blocks of {block_size} "
                          f"need {expected}")
-    if not np.all(np.isfinite(absmax) & (absmax >= 0)):
-        raise ValueError("absmax must be finite and non-negative")
-    return absmax
+    return check_scales(absmax, expected, "absmax")
 
 
 def quantize(u, code: Code, noise=None) -> np.ndarray:
@@ -148,6 +159,124 @@ def dequantize_blockwise(q, absmax, code: Code, block_size: int = 256) -> np.nda
     absmax = check_absmax(absmax, q.size, block_size)
     block_of_element = np.arange(q.size, dtype=np.int64) // block_size
     return (code.values[q.reshape(-1)] * absmax[block_of_element]).reshape(q.shape)
+
+
+# --- states below 8 bits: packed indices, rank-1 normalisation ------------------------------------
+
+PACKED_BITS = (2, 4)  # indices of codes this wide are stored 8 // bits a byte; wider ones one a byte
+
+
+def indices_per_byte(bits: int) -> int:
+    return 8 // bits if bits in PACKED_BITS else 1
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes that hold n indices of a ``bits``-bit code."""
+    return -(-n // indices_per_byte(bits))
+
+
+def pack_indices(q, bits: int) -> np.ndarray:
+    """Indices of a code of ``bits`` bits, packed: index i of the flattened q sits in byte
+    i // k at bit (i % k) * bits, low bits first, k = indices_per_byte(bits); the unused high bits of
+    the last byte are 0. One a byte (a flat copy) for widths in no PACKED_BITS. Returns flat uint8."""
+    q = np.asarray(q)
+    if q.dtype != np.uint8:
+        raise TypeError(f"q must be uint8 code indices, got {q.dtype}")
+    if q.size and int(q.max()) >= 2**bits:
+        raise ValueError(f"q holds index {int(q.max())}, which does not fit in {bits} bits")
+    k = indices_per_byte(bits)
+    padded = np.zeros(packed_size(q.size, bits) * k, np.uint8)
+    padded[:q.size] = q.reshape(-1)
+    shifts = (np.arange(k) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(padded.reshape(-1, k) << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_indices(packed, bits: int, n: int) -> np.ndarray:
+    """The n indices (flat uint8) that ``pack_indices(q, bits)`` packed."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise TypeError(f"packed indices must be a 1-D uint8 array, got {packed.dtype} with shape {packed.shape}")
+    if packed.size != packed_size(n, bits):
+        raise ValueError(f"{n} indices of {bits} bits fill {packed_size(n, bits)} bytes, got {packed.size}")
+    k = indices_per_byte(bits)
+    shifts = (np.arange(k) * bits).astype(np.uint8)
+    return ((packed[:, None] >> shifts) & np.uint8(2**bits - 1 if k > 1 else 255)).reshape(-1)[:n]
+
+
+def rank1_shape(shape) -> tuple[int, int]:
+    """The matrix (rows, columns) a tensor is normalised as under rank-1 normalisation: its first
+    dimension by the product of the others. Tensors of fewer than 2 dimensions are refused."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or math.prod(shape) == 0:
+        raise ValueError(f"rank-1 normalisation needs a non-empty tensor of 2 or more dimensions, got shape {shape}")
+    return shape[0], math.prod(shape[1:])
+
+
+def rank1_scale(row_max, col_max) -> np.ndarray:
+    """Each element's scale: min(row max, column max), a (rows, columns) float32 array."""
+    return np.minimum(row_max[:, None], col_max[None, :])
+
+
+def quantize_rank1(x, code: Code):
+    """Rank-1 normalisation (Li, Chen and Zhu 2023, section 4.2): x viewed as a (rows, columns)
+    matrix (``rank1_shape``), element (i, j) divided by min(max_j |x_i.|, max_i |x_.j|) (so |u| <= 1),
+    then the nearest code index as in ``quantize``; a zero scale stores code.zero_index.
+    Returns (q shaped like x, row_max, col_max), float32 maxima of |x|."""
+    code = check_code(code)
+    x = as_float32(x)
+    rows, cols = rank1_shape(x.shape)
+    matrix = x.reshape(rows, cols)
+    magnitude = np.abs(matrix)
+    row_max, col_max = magnitude.max(axis=1), magnitude.max(axis=0)
+    scale = rank1_scale(row_max, col_max)
+    u = np.divide(matrix, scale, out=np.zeros_like(matrix), where=scale > 0)
+    return quantize(u, code).reshape(x.shape), row_max, col_max
+
+
+def dequantize_rank1(q, row_max, col_max, code: Code) -> np.ndarray:
+    """``code.values[q] * min(row_max[i], col_max[j])`` in float32, shaped like q."""
+    code = check_code(code)
+    q = check_indices(q, code)
+    rows, cols = rank1_shape(q.shape)
+    row_max, col_max = check_scales(row_max, rows, "row_max"), check_scales(col_max, cols, "col_max")
+    return (code.values[q.reshape(rows, cols)] * rank1_scale(row_max, col_max)).reshape(q.shape)
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    """The paper's format: (indices, absmax), one absmax per ``block_size`` consecutive elements;
+    indices packed (``pack_indices``) when ``packed``, else shaped like the state."""
+
+    code: Code
+    block_size: int = 256
+    packed: bool = False
+
+    def quantize(self, x) -> tuple:
+        q, absmax = quantize_blockwise(x, self.code, self.block_size)
+        return (pack_indices(q, self.code.bits) if self.packed else q), absmax
+
+    def dequantize(self, stored, shape) -> np.ndarray:
+        q, absmax = stored
+        q = unpack_indices(q, self.code.bits, math.prod(shape)) if self.packed else q
+        return dequantize_blockwise(np.asarray(q).reshape(shape), absmax, self.code, self.block_size)
+
+
+@dataclass(frozen=True)
+class Rank1:
+    """Rank-1 normalisation's format: (indices, row_max, col_max) (``quantize_rank1``); indices
+    packed when ``packed``."""
+
+    code: Code
+    packed: bool = False
+
+    def quantize(self, x) -> tuple:
+        q, row_max, col_max = quantize_rank1(x, self.code)
+        return (pack_indices(q, self.code.bits) if self.packed else q), row_max, col_max
+
+    def dequantize(self, stored, shape) -> np.ndarray:
+        q, row_max, col_max = stored
+        q = unpack_indices(q, self.code.bits, math.prod(shape)) if self.packed else q
+        return dequantize_rank1(np.asarray(q).reshape(shape), row_max, col_max, self.code)
 
 
 # --- optimizer steps ------------------------------------------------------------------------------
@@ -310,10 +439,17 @@ def lamb_step(param, grad, m, v, hyper, lr: float, block_size: int, codes=None):
     return p, m, v
 
 
-def step_8bit(update, param, grad, quantized_states, codes, block_size: int, hyper):
-    """One optimizer step with block-wise 8-bit states: dequantize each state (q, absmax) with its
-    code, apply ``update(param, grad, *states, hyper)`` in float32, requantize.
-    Returns (param, [(q, absmax), ...])."""
-    states = [dequantize_blockwise(q, absmax, code, block_size) for (q, absmax), code in zip(quantized_states, codes)]
+def step_quantized(update, param, grad, stored_states, formats, hyper):
+    """One optimizer step with quantized states: dequantize each stored state with its format
+    (``Blockwise`` or ``Rank1``), apply ``update(param, grad, *states, hyper)`` in float32,
+    requantize in the same formats. Returns (param, [stored state, ...])."""
+    param = np.asarray(param, dtype=np.float32)
+    states = [f.dequantize(s, param.shape) for s, f in zip(stored_states, formats)]
     param, *states = update(param, grad, *states, hyper)
-    return param, [quantize_blockwise(x, code, block_size) for x, code in zip(states, codes)]
+    return param, [f.quantize(x) for x, f in zip(states, formats)]
+
+
+def step_8bit(update, param, grad, quantized_states, codes, block_size: int, hyper):
+    """``step_quantized`` with the paper's block-wise states, one index a byte: quantized_states
+    are (q, absmax) pairs. Returns (param, [(q, absmax), ...])."""
+    return step_quantized(update, param, grad, quantized_states, [Blockwise(c, block_size) for c in codes], hyper)

@@ -3,6 +3,13 @@
     python -m experiments.bench.optim                    # one 2**24 tensor, ResNet-18, small ViT
     python -m experiments.bench.optim --cases single --no-torchao
     python -m experiments.bench.optim --device cuda --dtype bfloat16    # on a GPU
+    python -m experiments.bench.optim --low-bit --cases single matrix resnet18 vit   # + 4-bit states
+
+``--low-bit`` adds the 4-bit rows (Li, Chen and Zhu 2023): quantlab AdamW with ``**qo.FOUR_BIT``
+(m block-wise, v rank-1 with the zero-free linear code), quantlab AdamW with 4-bit block-wise
+dynamic codes (blocks of 128), and torchao's AdamW4bit. The ``matrix`` case (one 4096 x 4096
+tensor, 2**24 elements) is the one-tensor case in a shape that rank-1 normalisation applies to: a
+1-D tensor, like ``single``'s, keeps blocks of 128 under FOUR_BIT.
 
 For each parameter set (random gradients of 1e-2 scale) and optimizer: ms per step (median after
 warm-up steps, the optimizers' steps timed in turn), state bytes per parameter, and the peak extra
@@ -21,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -71,6 +79,10 @@ def parameter_sets(cases, single_size: int, device="cpu", dtype=torch.float32):
     sets = {}
     if "single" in cases:
         sets["one tensor"] = lambda: [torch.nn.Parameter(torch.randn(single_size, device=device, dtype=dtype))]
+    if "matrix" in cases:
+        side = 2 ** (max(single_size.bit_length() - 1, 0) // 2)  # 4096 for 2**24
+        sets[f"one matrix ({side}x{side})"] = lambda: [
+            torch.nn.Parameter(torch.randn(side, side, device=device, dtype=dtype))]
     if "resnet18" in cases:
         sets["ResNet-18"] = on_device(torchvision.models.resnet18)
     if "vit" in cases:
@@ -83,10 +95,20 @@ def parameter_sets(cases, single_size: int, device="cpu", dtype=torch.float32):
 # the gradient and writes the parameter (3 elements of their dtype), reads and writes two states
 # (float32: 16 bytes; 8-bit: a byte each way plus a float32 absmax a block of 256 each way);
 # quantlab's steps read the gradients once more for the non-finite check.
+# 4-bit states: half a byte each way, plus a float32 scale a block of 128 each way (block-wise), or,
+# under rank-1 normalisation, a float32 maximum a row and a column: 4 * (rows + cols) bytes over
+# rows * cols elements, under 0.1 % of a byte at 4096 x 4096 and left out (the bound stays a lower
+# bound). quantlab's rank-1 step makes two passes (the first computes the new maxima; it reads the
+# parameter, the gradient and both states once more): it moves ~1.5x this minimum.
 _EIGHT_BIT_STATES = 2 * 2 * (1 + 4 / 256)
+_FOUR_BIT_BLOCK_128 = 2 * (0.5 + 4 / 128)  # one state, read and written
+_FOUR_BIT_RANK1 = 2 * 0.5
 STATE_BYTES_MOVED = {"torch Adam (default)": 16, "torch Adam (foreach)": 16, "torch Adam (fused)": 16,
                      "quantlab Adam 8-bit": _EIGHT_BIT_STATES, "quantlab Adam 32-bit": 16,
-                     "bitsandbytes Adam8bit": _EIGHT_BIT_STATES, "torchao AdamW8bit": _EIGHT_BIT_STATES}
+                     "bitsandbytes Adam8bit": _EIGHT_BIT_STATES, "torchao AdamW8bit": _EIGHT_BIT_STATES,
+                     "quantlab AdamW 4-bit (rank-1, zero-free v)": _FOUR_BIT_BLOCK_128 + _FOUR_BIT_RANK1,
+                     "quantlab AdamW 4-bit block-wise": 2 * _FOUR_BIT_BLOCK_128,
+                     "torchao AdamW4bit": 2 * _FOUR_BIT_BLOCK_128}
 
 
 def bytes_moved_per_param(optimizer: str, element_size: int) -> float:
@@ -111,7 +133,11 @@ def memory_bandwidth(device: str, n: int = 2**28, repeats: int = 7) -> float:
     return 2 * 4 * n / min(times)
 
 
-def optimizers(include_torchao: bool):
+def optimizers(include_torchao: bool, low_bit: bool = False):
+    """{name: params -> optimizer}. With ``low_bit``, the 4-bit rows too; AdamW's, like torchao's,
+    without weight decay, so that every row computes Adam's update."""
+    from quantlab.codes import dynamic_code
+
     makers = {
         "torch Adam (default)": lambda p: torch.optim.Adam(p, foreach=False),
         "torch Adam (foreach)": lambda p: torch.optim.Adam(p, foreach=True),
@@ -119,6 +145,11 @@ def optimizers(include_torchao: bool):
         "quantlab Adam 8-bit": lambda p: qo.Adam(p),
         "quantlab Adam 32-bit": lambda p: qo.Adam(p, state_bits=32),
     }
+    if low_bit:
+        makers["quantlab AdamW 4-bit (rank-1, zero-free v)"] = lambda p: qo.AdamW(p, weight_decay=0.0, **qo.FOUR_BIT)
+        makers["quantlab AdamW 4-bit block-wise"] = lambda p: qo.AdamW(
+            p, weight_decay=0.0, state_bits=4, block_size=128, signed_code=dynamic_code(True, 4),
+            unsigned_code=dynamic_code(False, 4))
     try:
         import bitsandbytes as bnb
 
@@ -132,6 +163,13 @@ def optimizers(include_torchao: bool):
             makers["torchao AdamW8bit"] = lambda p: AdamW8bit(p, weight_decay=0.0)
         except ImportError:
             pass
+        if low_bit:
+            try:
+                from torchao.optim import AdamW4bit
+
+                makers["torchao AdamW4bit"] = lambda p: AdamW4bit(p, weight_decay=0.0)
+            except ImportError:
+                pass
     return makers
 
 
@@ -248,11 +286,15 @@ def table(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["single", "resnet18", "vit"],
-                        choices=["single", "resnet18", "vit"])
+                        choices=["single", "matrix", "resnet18", "vit"],
+                        help="matrix: one square tensor, the largest of side 2**k with side**2 <= --single-size "
+                             "(4096 x 4096 for 2**24), for rank-1 normalisation")
     parser.add_argument("--single-size", type=int, default=2**24, help="elements of the 'single' case")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-torchao", action="store_true", help="skip torchao (it compiles for ~20 s)")
+    parser.add_argument("--low-bit", action="store_true",
+                        help="add the 4-bit rows: quantlab AdamW with FOUR_BIT and block-wise, torchao AdamW4bit")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameter and gradient dtype")
@@ -260,6 +302,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     env = environment()
     env.update(torch_threads=torch.get_num_threads(), device=args.device, dtype=args.dtype)
+    env["command"] = " ".join(["python -m experiments.bench.optim", *(sys.argv[1:] if argv is None else argv)])
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     sets = parameter_sets(args.cases, args.single_size, args.device, getattr(torch, args.dtype))
@@ -269,12 +312,13 @@ def main(argv=None):
     print(f"memory bandwidth (in-place read + write): {bandwidth:.1f} GB/s")
     rows = []
     for case, make_params in sets.items():
-        for name, result in measure(make_params, optimizers(not args.no_torchao), args.steps, args.warmup).items():
+        makers = optimizers(not args.no_torchao, args.low_bit)
+        for name, result in measure(make_params, makers, args.steps, args.warmup).items():
             result.update(case=case, optimizer=name,
                           roofline_ms=1e3 * bytes_moved_per_param(name, element_size) * result["params"]
                           / (bandwidth * 1e9))
             rows.append(result)
-            print(f"  {case:28s} {name:24s} {result['ms_per_step']:9.1f} ms  state "
+            print(f"  {case:28s} {name:42s} {result['ms_per_step']:9.1f} ms  state "
                   f"{result['state_bytes_per_param']:5.2f} B/param  peak extra "
                   f"{result['peak_extra_bytes_per_param']:6.2f} B/param", flush=True)
     text = table(rows)

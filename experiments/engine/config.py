@@ -14,11 +14,11 @@ from pathlib import Path
 
 from experiments.data import DATASETS
 from experiments.data.augment import AugmentConfig
+from experiments.engine.optimizer import SSL_OPTIMIZERS, check_state_settings
 from experiments.methods import METHODS
 from experiments.models import BACKBONES
 
-OPTIMIZERS = ("torch-adamw", "quantlab-adamw", "bnb-adamw8bit")
-CODES = ("dynamic", "linear")
+OPTIMIZERS = ("torch-adamw", "quantlab-adamw", "bnb-adamw8bit", "torchao-adamw")
 DEVICES = ("cpu", "cuda")
 
 
@@ -47,11 +47,13 @@ class RunConfig(SavedConfig):
     method: str = "moco"
     method_options: dict = field(default_factory=dict)  # passed to methods.make_method
     backbone: str = "resnet-tiny"
-    # optimizer: AdamW, with its states in float32 (torch), or block-wise quantized (quantlab, bitsandbytes)
+    # optimizer: AdamW, with its states in float32 (torch), or quantized (quantlab, bitsandbytes, torchao)
     optimizer: str = "quantlab-adamw"
-    state_bits: int | None = None  # None: the optimizer's own (32 for torch-adamw, 8 for the others)
+    state_bits: int | None = None  # None: the optimizer's own (32 for torch-adamw, 8 for the others); quantlab 2-8
     block_size: int = 256
     code: str = "dynamic"
+    unsigned_code: str = "same"  # v's code: code's family, or "dynamic-zero-free" / "linear-zero-free"
+    unsigned_normalization: str = "blockwise"  # or "rank1"
     min_8bit_size: int = 4096  # quantlab and bitsandbytes keep float32 states for smaller tensors
     shard_optimizer_state: bool = False  # under torchrun: ZeroRedundancyOptimizer, each rank keeps its share
     lr: float = 1e-3
@@ -86,8 +88,6 @@ class RunConfig(SavedConfig):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.state_bits is None:
             self.state_bits = 32 if self.optimizer == "torch-adamw" else 8
-        _choice("state_bits", self.state_bits, (8, 32))
-        _choice("code", self.code, CODES)
         _choice("dataset", self.dataset, DATASETS)
         _choice("device", self.device, DEVICES)
         for name in ("method_options", "augment"):
@@ -112,11 +112,8 @@ class RunConfig(SavedConfig):
             raise ValueError(f"shard_optimizer_state must be true or false, got {self.shard_optimizer_state!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string, got {self.data_root!r}")
-        if self.optimizer == "torch-adamw" and self.state_bits != 32:
-            raise ValueError("torch-adamw keeps float32 states: state_bits must be 32")
-        if self.optimizer == "bnb-adamw8bit" and (self.state_bits, self.block_size, self.code) != (8, 256, "dynamic"):
-            raise ValueError("bnb-adamw8bit has 8-bit states in 256-element blocks with the dynamic code only; "
-                             f"got state_bits={self.state_bits}, block_size={self.block_size}, code={self.code!r}")
+        check_state_settings(SSL_OPTIMIZERS[self.optimizer], "adamw", self.state_bits, self.block_size, self.code,
+                             self.unsigned_code, self.unsigned_normalization)
         self.augment = dataclasses.asdict(self.augment_config())
 
     def augment_config(self) -> AugmentConfig:

@@ -38,7 +38,13 @@ from experiments.engine.checkpoint import (
 )
 from experiments.engine.config import SavedConfig, _choice, _float_tuple, _integer, _nonnegative
 from experiments.engine.loop import derived_seed
-from experiments.engine.optimizer import ALGORITHMS, LIBRARIES, algorithm_hyperparameters, optimizer_class_for
+from experiments.engine.optimizer import (
+    ALGORITHMS,
+    LIBRARIES,
+    algorithm_hyperparameters,
+    check_state_settings,
+    optimizer_class_for,
+)
 from experiments.engine.progress import Progress
 from experiments.engine.run import use_threads, write_csv, write_jsonl
 from experiments.lr_schedule import set_learning_rate, warmup_cosine
@@ -64,9 +70,11 @@ class LMConfig(SavedConfig):
     # the optimizer (engine/optimizer.py)
     library: str = "quantlab"
     algorithm: str = "adamw"
-    state_bits: int | None = None  # None: the library's own (32 for torch, 8 for the others)
+    state_bits: int | None = None  # None: the library's own (32 for torch, 8 for the others); quantlab: 2-8, 32
     block_size: int = 256  # 0: one block per tensor (the largest parameter's size)
     code: str = "dynamic"
+    unsigned_code: str = "same"  # v's code: code's family, or "dynamic-zero-free" / "linear-zero-free"
+    unsigned_normalization: str = "blockwise"  # or "rank1" (v of matrices: a row and a column maximum)
     min_8bit_size: int = 4096
     lr: float = 1e-3
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
@@ -89,10 +97,8 @@ class LMConfig(SavedConfig):
         _choice("embedding", self.embedding, EMBEDDINGS)
         _choice("library", self.library, LIBRARIES)
         _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("code", self.code, ("dynamic", "linear"))
         if self.state_bits is None:
             self.state_bits = 32 if self.library == "torch" else 8
-        _choice("state_bits", self.state_bits, (8, 32))
         for name, minimum in (("context", 1), ("width", 1), ("depth", 1), ("heads", 1), ("block_size", 0),
                               ("min_8bit_size", 0), ("warmup_steps", 0), ("steps", 1), ("batch_size", 1),
                               ("eval_every", 1), ("eval_tokens", 1), ("checkpoint_every", 0)):
@@ -111,11 +117,8 @@ class LMConfig(SavedConfig):
             raise ValueError(f"width {self.width} does not split into {self.heads} heads")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
-        if self.library == "torch" and self.state_bits != 32:
-            raise ValueError("torch's optimizers keep float32 states: state_bits must be 32")
-        if self.library == "bitsandbytes" and (self.state_bits, self.block_size, self.code) != (8, 256, "dynamic"):
-            raise ValueError("bitsandbytes keeps 8-bit states in 256-element blocks with the dynamic code only; got "
-                             f"state_bits={self.state_bits}, block_size={self.block_size}, code={self.code!r}")
+        check_state_settings(self.library, self.algorithm, self.state_bits, self.block_size, self.code,
+                             self.unsigned_code, self.unsigned_normalization)
 
 
 
@@ -126,12 +129,15 @@ def build_model(config: LMConfig) -> GPT:
 
 def build_optimizer(config: LMConfig, model: GPT) -> torch.optim.Optimizer:
     """The config's optimizer over the model's parameters, matrices weight-decayed (param_groups.py).
-    block_size 0 becomes the largest parameter's size: every tensor is one block."""
+    block_size 0 becomes the largest parameter's size (rounded up to a multiple of 4): every tensor
+    is one block."""
     block_size = config.block_size or max(p.numel() for p in model.parameters())
+    block_size += -block_size % 4  # whole bytes of packed 2- and 4-bit indices
     hyper = algorithm_hyperparameters(config.algorithm, config.lr, config.betas, config.eps, config.weight_decay,
                                       config.momentum)
     cls, options = optimizer_class_for(config.library, config.algorithm, hyper, config.state_bits, block_size,
-                                       config.code, config.min_8bit_size)
+                                       config.code, config.min_8bit_size, config.unsigned_code,
+                                       config.unsigned_normalization)
     return cls(parameter_groups(model.named_parameters(), config.weight_decay), **options)
 
 
@@ -170,12 +176,15 @@ def second_moment_zeros(model: GPT, optimizer: torch.optim.Optimizer) -> dict | 
     gradient this step whose stored v is exactly 0. v = beta2 * v + (1 - beta2) * g^2 > 0 there, so
     each such 0 is the code's (notebooks/03): the next step divides m by sqrt((1 - beta2) g^2) + eps
     instead of sqrt(v) + eps (by eps alone where that gradient is 0). None for optimizers with no
-    quantized v (float32 states, or no second moment)."""
+    quantized v (float32 states, or no second moment). quantlab's states (block-wise or rank-1) and
+    torchao's (tensor subclasses with a dequantize method) are read."""
     fractions, zeros, nonzero = {}, 0, 0
     names = {id(p): name for name, p in model.named_parameters()}
     for p, state in optimizer.state.items():
         v = state.get("exp_avg_sq") if isinstance(state, dict) else None
-        if not isinstance(v, quantlab.optim.QuantizedState) or p.grad is None:
+        quantized = isinstance(v, (quantlab.optim.QuantizedState, quantlab.optim.Rank1State)) or (
+            torch.is_tensor(v) and type(v) is not torch.Tensor and hasattr(v, "dequantize"))
+        if not quantized or p.grad is None:
             continue
         active = p.grad != 0
         stored_zero = (v.dequantize() == 0) & active

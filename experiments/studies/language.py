@@ -5,6 +5,8 @@
     python -m experiments.studies.language stability --out results/lm   # the paper's Table 3
     python -m experiments.studies.language stability-moderate-lr --out results/lm   # the same at lr / 4
     python -m experiments.studies.language table1    --out results/lm   # 8- vs 32-bit AdamW, Lion, SGD
+    python -m experiments.studies.language four-bit  --out results/lm   # 4-bit AdamW states (Li et al. 2023)
+    python -m experiments.studies.language state-bits --out results/lm  # 2..8-bit states by code
     ... --seeds 0 1 2 --workers 2 --print-commands --table-only
 
 Each study writes OUT/STUDY/runs/CELL-seedN and OUT/STUDY/record.json (every run's summary, stability
@@ -66,6 +68,26 @@ TABLE1_OPTIMIZERS = {
     "SGD-momentum 32-bit (torch)": {"library": "torch", "algorithm": "sgd", "lr": 0.5, "weight_decay": 0.0},
     "SGD-momentum 8-bit": {"algorithm": "sgd", "lr": 0.5, "weight_decay": 0.0},
 }
+# "Memory Efficient Optimizers with 4-bit States" (Li, Chen and Zhu 2023): quantlab.optim.FOUR_BIT (4-bit m in
+# blocks of 128, 4-bit v under rank-1 normalisation in the zero-free linear code), its parts, and torchao's
+# AdamW4bit (zero-free linear v in blocks of 128, no rank-1), beside 8- and 32-bit states
+FOUR_BIT = {"state_bits": 4, "block_size": 128, "unsigned_code": "linear-zero-free", "unsigned_normalization": "rank1"}
+FOUR_BIT_OPTIMIZERS = {
+    "AdamW 32-bit (torch)": {"library": "torch"},
+    "AdamW 8-bit": {},
+    "AdamW 4-bit, rank-1 zero-free v (Li et al.)": FOUR_BIT,
+    "AdamW 4-bit, zero-free v in blocks of 128": {**FOUR_BIT, "unsigned_normalization": "blockwise"},
+    "AdamW 4-bit dynamic codes (v code with 0)": {"state_bits": 4, "block_size": 128},
+    "AdamW 4-bit (torchao AdamW4bit)": {"library": "torchao", "state_bits": 4, "block_size": 128},
+}
+# state widths by v's code, at the stability study's size and its moderate lr (where 8-bit dynamic is stable)
+STATE_BITS = (2, 3, 4, 5, 6, 7, 8)
+STATE_BIT_CODES = {
+    "dynamic": {},
+    "linear": {"code": "linear"},
+    "zero-free linear v": {"unsigned_code": "linear-zero-free"},
+    "zero-free linear v, rank-1": {"unsigned_code": "linear-zero-free", "unsigned_normalization": "rank1"},
+}
 
 
 @dataclass(frozen=True)
@@ -112,8 +134,25 @@ def table1_study(seeds=(0, 1, 2)) -> Study:
                  "and bitsandbytes' AdamW8bit.", dict(TABLE1_OPTIMIZERS), tuple(seeds), dict(RECIPE))
 
 
+def four_bit_study(seeds=(0, 1, 2)) -> Study:
+    return Study("four-bit", "4-bit AdamW states at nanoGPT's CPU recipe (4 layers of width 128, 2000 steps): Li et "
+                 "al.'s recipe (quantlab.optim.FOUR_BIT: m in blocks of 128, v under rank-1 normalisation in the "
+                 "zero-free linear code), v in blocks of 128 instead, 4-bit dynamic codes (v's holds 0), torchao's "
+                 "AdamW4bit, against 8- and 32-bit states.", dict(FOUR_BIT_OPTIMIZERS), tuple(seeds), dict(RECIPE))
+
+
+def state_bits_study(seeds=(0, 1)) -> Study:
+    cells = {"32-bit Adam": {"library": "torch"}}
+    cells.update({f"{bits}-bit, {name}": {"state_bits": bits, "block_size": 128, **settings}
+                  for name, settings in STATE_BIT_CODES.items() for bits in STATE_BITS})
+    return Study("state-bits", f"Adam with 2- to 8-bit states in blocks of 128 at the stability study's size and "
+                 f"its moderate lr {STABILITY_LR / 4:g}: the dynamic codes, the linear codes, the dynamic m with the "
+                 f"zero-free linear v, and that v under rank-1 normalisation.", cells, tuple(seeds),
+                 {**SMALL, "algorithm": "adam", "weight_decay": 0.0, "lr": STABILITY_LR / 4})
+
+
 STUDIES = {"lr-sweep": lr_sweep_study, "stability": stability_study, "stability-moderate-lr": moderate_stability_study,
-           "table1": table1_study}
+           "table1": table1_study, "four-bit": four_bit_study, "state-bits": state_bits_study}
 
 
 def run_name(cell: str, seed: int) -> str:
@@ -292,6 +331,50 @@ def plot_curves(record: dict, path: Path) -> Path:
     return path
 
 
+def plot_state_bits(record: dict, path: Path) -> Path:
+    """The state-bits study: final validation loss (median of the stable runs, bars from min to max)
+    against state bits, one line a code; a code's unstable runs as crosses at the top; 32-bit Adam, the
+    unigram and the untrained baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {row["cell"]: row for row in record["rows"]}
+    ceiling = max(row["untrained_val_loss"] for row in rows.values())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for k, family in enumerate(STATE_BIT_CODES):
+        bits, medians, low, high, failed = [], [], [], [], []
+        for b in STATE_BITS:
+            runs = [r for r in record["runs"] if r["cell"] == f"{b}-bit, {family}"]
+            stable = [r["final_val_loss"] for r in runs if r["unstable"] is None]
+            if stable:
+                bits.append(b + 0.06 * (k - 1.5))
+                medians.append(statistics.median(stable))
+                low.append(medians[-1] - min(stable))
+                high.append(max(stable) - medians[-1])
+            failed += [b + 0.06 * (k - 1.5)] * (len(runs) - len(stable))
+        line = ax.errorbar(bits, medians, yerr=[low, high], marker="o", capsize=2, label=family)
+        ax.plot(failed, [ceiling] * len(failed), "x", color=line[0].get_color(), markersize=8)
+    baselines = (("32-bit Adam", rows.get("32-bit Adam", {}).get("val_loss"), "black", "-"),
+                 ("unigram", record["rows"][0]["unigram_val_loss"], "gray", "--"),
+                 ("untrained", ceiling, "gray", ":"))
+    for label, value, color, style in baselines:
+        if value is not None:
+            ax.axhline(value, color=color, linestyle=style, linewidth=1, label=label)
+    ax.set_xlabel("bits a state (crosses at the top: unstable runs)")
+    ax.set_ylabel("final validation loss (nats a byte)")
+    ax.set_xticks(STATE_BITS)
+    ax.set_title(f"{record['study']}: Adam with 2- to 8-bit states (median of the stable runs, min-max bars)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def write_record(study: Study, out: Path, command_line: str) -> dict:
     runs = []
     for cell, seed in study.plan():
@@ -309,6 +392,8 @@ def write_record(study: Study, out: Path, command_line: str) -> dict:
     (out / "table.md").write_text(markdown(record))
     if runs:
         plot_curves(record, out / "curves.png")
+        if study.name == "state-bits":
+            plot_state_bits(record, out / "state_bits.png")
     return record
 
 
@@ -358,7 +443,8 @@ def main(argv=None):
     parser.add_argument("study", choices=list(STUDIES))
     parser.add_argument("--out", type=Path, required=True, help="the study goes to OUT/STUDY")
     parser.add_argument("--seeds", type=int, nargs="+",
-                        help="default: 2 for lr-sweep, 10 for stability, 5 at the moderate lr, 3 for table1")
+                        help="default: 2 for lr-sweep and state-bits, 10 for stability, 5 at the moderate lr, "
+                             "3 for table1 and four-bit")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--print-commands", action="store_true", help="print each run's command line and exit")
     parser.add_argument("--table-only", action="store_true", help="build the record from finished runs")

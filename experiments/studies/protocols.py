@@ -3,6 +3,7 @@
     python -m experiments.studies.protocols five-methods --out results/ssl     # five methods x state formats
     python -m experiments.studies.protocols medical-mae --out results/ssl      # mask ratio x crop scale, mean AUC
     python -m experiments.studies.protocols pass --out results/ssl             # pretrain on generated images or not
+    python -m experiments.studies.protocols four-bit --out results/ssl         # 4-bit vs 8- and 32-bit states
     python -m experiments.studies.protocols pass --out results/ssl --print-commands   # for a cluster launcher
 
 Each variant is a sweep in OUT/PROTOCOL/VARIANT (resumable: run the command again to finish it). Then
@@ -73,6 +74,13 @@ PROTOCOLS = {
                   settings={**RECIPE, "eval_subset": 10000},
                   eval_datasets=("fashion-mnist-subset", "mnist", "animal-mnist")),
             {"pretrain-procedural": {"dataset": "procedural"}, "pretrain-fashion-mnist": {}})),
+    "four-bit": Protocol(
+        what="MoCo v2 with 4-bit AdamW states (Li et al. 2023: quantlab.optim.FOUR_BIT, m in blocks of 128, v under "
+             "rank-1 normalisation in the zero-free linear code) against torch fp32 and quantlab 8-bit; k-NN and "
+             "linear probe on the Fashion-MNIST subset's test split; medians over 3 seeds. (torchao's AdamW4bit is "
+             "left out: its states do not load with torch.load(weights_only=True), which evaluation uses.)",
+        variants={"moco": Sweep(methods=("moco",), optimizers=("fp32", "8bit", "4bit"),
+                                seeds=(0, 1, 2), settings=RECIPE)}),
 }
 
 

@@ -46,6 +46,10 @@ OPTIMIZER_PRESETS = {
     # the paper's ablations of the 8-bit state: larger blocks, and a linear instead of the dynamic code
     "8bit-block2048": {"optimizer": "quantlab-adamw", "state_bits": 8, "block_size": 2048},
     "8bit-linear": {"optimizer": "quantlab-adamw", "state_bits": 8, "code": "linear"},
+    # 4-bit states: Li et al.'s (quantlab.optim.FOUR_BIT) and torchao's AdamW4bit
+    "4bit": {"optimizer": "quantlab-adamw", "state_bits": 4, "block_size": 128, "unsigned_code": "linear-zero-free",
+             "unsigned_normalization": "rank1"},
+    "torchao-4bit": {"optimizer": "torchao-adamw", "state_bits": 4, "block_size": 128},
 }
 # what eval.json may hold; with eval_datasets each is named METRIC@DATASET
 METRICS = {"knn_accuracy": "k-NN %", "linear_accuracy": "linear probe %", "linear_mean_auc": "linear probe mean AUC %",

@@ -273,3 +273,93 @@ def _dequantize_torch(q, absmax, code, block_size, backend, out):
     _dequantize_cuda(cuda.as_cuda_array(q.reshape(-1)), cuda.as_cuda_array(absmax), code, block_size,
                      cuda.as_cuda_array(out.reshape(-1)))
     return out
+
+
+# --- states below 8 bits: packed indices, rank-1 normalisation ------------------------------------
+# NumPy arrays, CPU torch tensors (zero-copy) and CUDA torch tensors; results have the input's type
+# and device. These serve conversions and inspection: the optimizer steps read and write packed and
+# rank-1 states inside their fused kernels.
+
+def _kernel_side(a):
+    """(flat contiguous array the kernels take, the kernel module, extra keyword arguments)."""
+    if _is_torch(a):
+        flat = a.detach().contiguous().view(-1)
+        if flat.is_cuda:
+            from . import cuda
+
+            return flat, cuda, {"stream": _cuda_stream()}
+        a = flat.numpy()
+    from . import cpu
+
+    return np.ascontiguousarray(a).reshape(-1), cpu, {}
+
+
+def _new(like, size: int, dtype):
+    """An empty flat array of ``like``'s type and device, and its kernel-side view."""
+    if _is_torch(like):
+        import torch
+
+        out = torch.empty(size, dtype=getattr(torch, np.dtype(dtype).name), device=like.device)
+        return out, (out if out.is_cuda else out.numpy())
+    out = np.empty(size, dtype)
+    return out, out
+
+
+def pack_indices(q, bits: int):
+    """``reference.pack_indices``: flat uint8 of ``packed_size(q.size, bits)`` bytes."""
+    flat, module, extra = _kernel_side(q)
+    if str(flat.dtype) not in ("uint8", "torch.uint8"):
+        raise TypeError(f"q must be uint8 code indices, got {flat.dtype}")
+    out, kernel_out = _new(q, reference.packed_size(flat.shape[0], bits), np.uint8)
+    module.pack_indices(flat, reference.indices_per_byte(bits), kernel_out, **extra)
+    return out
+
+
+def unpack_indices(packed, bits: int, n: int):
+    """``reference.unpack_indices``: the n indices (flat uint8) that pack_indices packed."""
+    flat, module, extra = _kernel_side(packed)
+    if flat.shape[0] != reference.packed_size(n, bits):
+        raise ValueError(f"{n} indices of {bits} bits fill {reference.packed_size(n, bits)} bytes, got {flat.shape[0]}")
+    out, kernel_out = _new(packed, n, np.uint8)
+    module.unpack_indices(flat, reference.indices_per_byte(bits), kernel_out, **extra)
+    return out
+
+
+def quantize_rank1(x, code: Code, packed: bool = False):
+    """``reference.quantize_rank1`` of x (2 or more dimensions): (indices, row_max, col_max), the
+    indices shaped like x, or flat and packed (``pack_indices``) when ``packed``."""
+    code = reference.check_code(code)
+    rows, cols = reference.rank1_shape(x.shape)
+    x32 = _torch_to_float32(x) if _is_torch(x) else reference.as_float32(x, check_finite=False)
+    flat, module, extra = _kernel_side(x32)
+    per_byte = reference.indices_per_byte(code.bits) if packed else 1
+    (q, q_k), (row_max, row_k), (col_max, col_k) = (_new(x32, size, dtype) for size, dtype in (
+        (-(-flat.shape[0] // per_byte), np.uint8), (rows, np.float32), (cols, np.float32)))
+    bits = flat.view(np.int32) if isinstance(flat, np.ndarray) else flat.view(_torch_dtype("int32"))
+    module.quantize_rank1(flat, bits, search_tables(code)[0].args(), code.zero_index, per_byte, q_k, row_k, col_k,
+                          **extra)
+    _raise_if_nonfinite(row_max.cpu().numpy() if _is_torch(row_max) else row_max)
+    return (q if packed else q.reshape(x.shape)), row_max, col_max
+
+
+def dequantize_rank1(q, row_max, col_max, code: Code, shape, packed: bool = False):
+    """``reference.dequantize_rank1``: float32 of ``shape`` from the indices (packed when ``packed``)."""
+    from .lookup import step_values
+
+    code = reference.check_code(code)
+    rows, cols = reference.rank1_shape(shape)
+    flat, module, extra = _kernel_side(q)
+    (row_k, _, _), (col_k, _, _) = _kernel_side(row_max), _kernel_side(col_max)
+    if (row_k.shape[0], col_k.shape[0]) != (rows, cols):
+        raise ValueError(f"shape {tuple(shape)} needs {rows} row and {cols} column maxima, got "
+                         f"{row_k.shape[0]} and {col_k.shape[0]}")
+    out, out_k = _new(q, rows * cols, np.float32)
+    module.dequantize_rank1(flat, row_k, col_k, step_values(code), reference.indices_per_byte(code.bits) if packed
+                            else 1, out_k, **extra)
+    return out.reshape(tuple(shape))
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)

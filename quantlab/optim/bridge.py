@@ -17,12 +17,14 @@ from .. import kernels
 from ..kernels import cpu
 from ..kernels.lookup import search_tables, step_values
 from ..kernels.scalar import INF_BITS
+from ..reference import indices_per_byte
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float16/bfloat16 parameters are stepped in float32 chunks of this many elements (rounded to whole
 # blocks): the extra memory of a step is bounded by a chunk, not by the parameter.
 CHUNK_ELEMENTS = 1 << 18
-STEP_KERNELS = ("step_32bit", "step_8bit", "lamb_norms_32bit", "lamb_norms_8bit", "lamb_apply_32bit", "lamb_apply_8bit")
+STEP_KERNELS = ("step_32bit", "step_8bit", "step_rank1", "lamb_norms_32bit", "lamb_norms_8bit", "lamb_apply_32bit",
+                "lamb_apply_8bit")
 
 
 def check_param(param: torch.Tensor) -> None:
@@ -101,9 +103,10 @@ def kernel_array(t: torch.Tensor):
 
 
 class StepBatch:
-    """The fused steps of CPU float32 parameters, gathered during an optimizer step and launched
-    together: one launch per (kind, states, codes, block size, hyperparameters), not one per
-    parameter (a launch costs more than most of a model's tensors' steps; see kernels.cpu)."""
+    """The fused steps of CPU float32 parameters with float32 or block-wise states, gathered during
+    an optimizer step and launched together: one launch per (kind, states, codes, block size,
+    hyperparameters), not one per parameter (a launch costs more than most of a model's tensors'
+    steps; see kernels.cpu)."""
 
     def __init__(self):
         self._launches = {}
@@ -136,7 +139,9 @@ class StepBatch:
                 cpu.step_32bit_many(kind, n_states, addresses, sizes, hyper)
                 continue
             per_code = [(step_values(c), search_tables(c)[0].args(), c.zero_index) for c in codes]
-            cpu.step_8bit_many(kind, n_states, addresses, sizes, hyper, block_size, *per_code[0], *per_code[-1])
+            per_byte = tuple(indices_per_byte(c.bits) for c in (codes[0], codes[-1]))
+            cpu.step_8bit_many(kind, n_states, addresses, sizes, hyper, block_size, *per_code[0], *per_code[-1],
+                               per_byte=per_byte)
         self._launches.clear()
 
 

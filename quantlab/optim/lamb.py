@@ -5,6 +5,7 @@ the old states: pass 1 computes this step's moments and sums r**2 and w**2, writ
 computes the same moments again (the same float32 operations, so the same values), applies
 p -= lr * trust * r and stores (requantizes) the moments. With 8-bit states the ratio is kept
 (bitsandbytes drops it on its 8-bit path), and r comes from the float32 moments, as in Adam.
+States of 2 to 8 bits are block-wise only (packed as in the other optimizers), never rank-1.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class LAMB(BlockwiseOptimizer):
         return (("exp_avg", True), ("exp_avg_sq", False))
 
     def hyperparameters(self, p, options, step) -> np.ndarray:
+        if "rank1" in (options["signed_normalization"], options["unsigned_normalization"]):
+            raise ValueError("LAMB keeps block-wise states: its two passes have no rank-1 variant "
+                             "(signed_normalization and unsigned_normalization must be 'blockwise')")
         if is_dtensor(p):
             raise ValueError("LAMB does not step sharded (FSDP2 DTensor) parameters: its trust ratio needs the "
                              "norm of the whole update, which a rank's shard does not give")
@@ -47,12 +51,13 @@ class LAMB(BlockwiseOptimizer):
                 return [kernel_array(state[name])[start:end] for name in ("exp_avg", "exp_avg_sq")]
             return [state[name].kernel_args(start, end) for name in ("exp_avg", "exp_avg_sq")]
 
+        per_byte = (state["exp_avg"].per_byte, state["exp_avg_sq"].per_byte) if eight_bit else (1, 1)
         for start, end, param, grad in float32_chunks(p, block_size):
             m, v = moments(start, end)
             rows = partial[start // block_size:reference.num_blocks(end, block_size)]
             rows = rows if rows.is_cuda else rows.numpy()
             if eight_bit:
-                kernels.lamb_norms_8bit(param, grad, *m[:3], *v[:3], hyper, block_size, rows)
+                kernels.lamb_norms_8bit(param, grad, *m[:3], *v[:3], hyper, block_size, rows, per_byte=per_byte)
             else:
                 kernels.lamb_norms_32bit(param, grad, m, v, hyper, block_size, rows)
         sums = partial.cpu().numpy()
@@ -62,6 +67,6 @@ class LAMB(BlockwiseOptimizer):
         for start, end, param, grad in float32_chunks(p, block_size):
             m, v = moments(start, end)
             if eight_bit:
-                kernels.lamb_apply_8bit(param, grad, *m, *v, hyper, block_size, neg_step)
+                kernels.lamb_apply_8bit(param, grad, *m, *v, hyper, block_size, neg_step, per_byte=per_byte)
             else:
                 kernels.lamb_apply_32bit(param, grad, m, v, hyper, neg_step)

@@ -1,5 +1,5 @@
 """What every quantlab optimizer shares: options per parameter, the non-finite gradient check, states
-in 8 or 32 bits and the conversion between them, checkpoints.
+of 2 to 8 bits or 32 and the conversion between them, checkpoints.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters are DTensors: each rank steps its own
 shard, so 8-bit blocks follow the shard (state_bits and min_8bit_size still look at the whole
@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..codes import Code, dynamic_code
+from .. import reference
+from ..codes import Code, dynamic_code, linear_code
 from .bridge import (
     StepBatch,
     check_param,
@@ -28,9 +29,18 @@ from .bridge import (
     kernels_for,
     local_shard,
 )
-from .state import QuantizedState, as_float, check_for_step, check_loaded_state
+from .state import QuantizedState, Rank1State, as_float, check_for_step, check_loaded_state
 
-STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size")
+STATE_OPTIONS = ("state_bits", "block_size", "signed_code", "unsigned_code", "min_8bit_size",
+                 "signed_normalization", "unsigned_normalization")
+STATE_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+NORMALIZATIONS = ("blockwise", "rank1")
+
+# Li, Chen and Zhu (2023), "Memory Efficient Optimizers with 4-bit States": 4-bit m in blocks of 128
+# with the dynamic (exponent) code, 4-bit v with rank-1 normalisation and the zero-free linear code.
+# ``AdamW(params, **FOUR_BIT)``. (1-D tensors, which rank-1 cannot normalise, keep blocks of 128.)
+FOUR_BIT = dict(state_bits=4, block_size=128, signed_code=dynamic_code(True, 4),
+                unsigned_code=linear_code(4, signed=False, include_zero=False), unsigned_normalization="rank1")
 _OPTIONS_ATTRIBUTE = "_quantlab_options"
 
 
@@ -42,8 +52,8 @@ def set_options(param: torch.Tensor, **options) -> None:
     """
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"set_options takes a parameter tensor, got {type(param).__name__}")
-    if "state_bits" in options and options["state_bits"] not in (8, 32):
-        raise ValueError(f"state_bits must be 8 or 32, got {options['state_bits']!r}")
+    if "state_bits" in options and options["state_bits"] not in STATE_BITS:
+        raise ValueError(f"state_bits must be one of {STATE_BITS}, got {options['state_bits']!r}")
     merged = dict(getattr(param, _OPTIONS_ATTRIBUTE, {}))
     merged.update(options)
     setattr(param, _OPTIONS_ATTRIBUTE, merged)
@@ -70,16 +80,28 @@ def check_betas(betas, upper_inclusive: bool = False) -> None:
         raise ValueError(f"invalid betas {betas}")
 
 
-def check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size) -> None:
-    if state_bits not in (8, 32):
-        raise ValueError(f"state_bits must be 8 or 32, got {state_bits!r}")
+def check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size, signed_normalization,
+                        unsigned_normalization) -> None:
+    if state_bits not in STATE_BITS:
+        raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     for name, code in (("signed_code", signed_code), ("unsigned_code", unsigned_code)):
-        if not isinstance(code, Code):
-            raise TypeError(f"{name} must be a quantlab Code, got {type(code).__name__}")
+        if code is not None and not isinstance(code, Code):
+            raise TypeError(f"{name} must be a quantlab Code (or None: the dynamic code), got {type(code).__name__}")
+        if code is not None and state_bits != 32 and code.bits != state_bits:
+            raise ValueError(f"{name} {code.name} has {code.bits} bits, but state_bits is {state_bits}")
+    if signed_code is not None and signed_code.zero_free:
+        raise ValueError(f"signed_code {signed_code.name} has no 0: a signed state (m) must store zeros")
+    if state_bits != 32 and block_size % reference.indices_per_byte(state_bits):
+        raise ValueError(f"{state_bits}-bit indices are packed {reference.indices_per_byte(state_bits)} a byte: "
+                         f"block_size must be a multiple of that, got {block_size}")
     if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be a non-negative integer, got {min_8bit_size!r}")
+    for name, normalization in (("signed_normalization", signed_normalization),
+                                ("unsigned_normalization", unsigned_normalization)):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"{name} must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 class BlockwiseOptimizer(torch.optim.Optimizer):
@@ -90,21 +112,27 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
     -> the float32 constants of their update. Everything else is shared: per-parameter options,
     the non-finite gradient check, 8-bit or 32-bit states and conversion between them, checkpoints.
 
-    8-bit state: each state a QuantizedState with ``signed_code`` or ``unsigned_code``,
-    ``block_size`` elements a block (1 byte an element plus 4 bytes a block). Parameters with fewer
-    than ``min_8bit_size`` elements, and those marked ``set_options(p, state_bits=32)``, keep
-    float32 states. Either way ``optimizer.state[p]`` holds each state under torch's name for it.
+    Quantized state (``state_bits`` 2 to 8): each state in ``signed_code`` or ``unsigned_code``
+    (None: the dynamic code of ``state_bits`` bits; a given code must have that many bits), with
+    ``signed_normalization`` / ``unsigned_normalization``: ``"blockwise"`` (a QuantizedState,
+    ``block_size`` elements a block: bits/8 bytes an element plus 4 bytes a block; 2- and 4-bit
+    indices packed, 3, 5, 6 and 7 bits one a byte) or ``"rank1"`` (a Rank1State: 4 bytes a row and a
+    column; tensors of fewer than 2 dimensions, or with a single row or column, stay block-wise).
+    ``FOUR_BIT`` is Li et al.'s 4-bit preset. Parameters with fewer than ``min_8bit_size`` elements,
+    and those marked ``set_options(p, state_bits=32)``, keep float32 states. Either way
+    ``optimizer.state[p]`` holds each state under torch's name for it.
     """
 
     kind: int
 
     def __init__(self, params, defaults: dict, *, state_bits=8, block_size=256, signed_code=None,
-                 unsigned_code=None, min_8bit_size=4096, skip_nonfinite=False):
-        signed_code = dynamic_code(signed=True) if signed_code is None else signed_code
-        unsigned_code = dynamic_code(signed=False) if unsigned_code is None else unsigned_code
-        check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size)
+                 unsigned_code=None, min_8bit_size=4096, signed_normalization="blockwise",
+                 unsigned_normalization="blockwise", skip_nonfinite=False):
+        check_state_options(state_bits, block_size, signed_code, unsigned_code, min_8bit_size, signed_normalization,
+                            unsigned_normalization)
         defaults = dict(defaults, state_bits=state_bits, block_size=block_size, signed_code=signed_code,
-                        unsigned_code=unsigned_code, min_8bit_size=min_8bit_size)
+                        unsigned_code=unsigned_code, min_8bit_size=min_8bit_size,
+                        signed_normalization=signed_normalization, unsigned_normalization=unsigned_normalization)
         super().__init__(params, defaults)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
@@ -153,13 +181,20 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
         batch.run()
         return loss
 
-    def state_code(self, param: torch.Tensor, options: dict, signed: bool) -> Code | None:
-        """The code a state of ``param`` is kept in under these options, or None for float32."""
-        eight_bit = options["state_bits"] == 8 and param.numel() >= options["min_8bit_size"]
+    def state_format(self, param: torch.Tensor, options: dict, signed: bool) -> tuple | None:
+        """(code, normalization) a state of ``param`` is kept in under these options, or None for
+        float32."""
+        quantized = options["state_bits"] != 32 and param.numel() >= options["min_8bit_size"]
+        shard = local_shard(param)
         # a rank's shard may be empty (FSDP2 with fewer rows than ranks): nothing to quantize
-        if not eight_bit or local_shard(param).numel() == 0:
+        if not quantized or shard.numel() == 0:
             return None
-        return options["signed_code"] if signed else options["unsigned_code"]
+        code = options["signed_code" if signed else "unsigned_code"]
+        code = dynamic_code(signed, options["state_bits"]) if code is None else code
+        normalization = options["signed_normalization" if signed else "unsigned_normalization"]
+        if normalization == "rank1" and (shard.dim() < 2 or 1 in reference.rank1_shape(shard.shape)):
+            normalization = "blockwise"  # a vector (or one row or column) has no rank-1 structure to use
+        return code, normalization
 
     def _update(self, param, options, batch):
         state, p = self.state[param], local_shard(param)
@@ -172,26 +207,39 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             for name, _ in specs:
                 state[name] = self.initial_state(p, options, name)
         for name, signed in specs:
-            state[name] = self._in_format(state[name], self.state_code(param, options, signed), options["block_size"],
-                                          p.device)
+            state[name] = self._in_format(state[name], self.state_format(param, options, signed),
+                                          options["block_size"], p.device)
         state["step"] += 1
         self._run_kernels(p, state, options, specs, self.hyperparameters(param, options, state["step"]), batch)
 
     @staticmethod
-    def _in_format(state, code: Code | None, block_size: int, device):
-        """The state in the wanted format on the parameter's device: as it is when it has them, else
-        converted (dequantized with its own code, requantized with the wanted one)."""
-        if code is None:
+    def _in_format(state, state_format, block_size: int, device):
+        """The state in the wanted format on the parameter's device: as it is when it has it, else
+        converted (dequantized with its own code, requantized in the wanted format)."""
+        if state_format is None:
             return state.to(device) if torch.is_tensor(state) else state.dequantize().to(device)
+        code, normalization = state_format
+        if normalization == "rank1":
+            if isinstance(state, Rank1State) and state.code == code:
+                return state.to(device)
+            return Rank1State.quantize(as_float(state).to(device), code)
         if isinstance(state, QuantizedState) and (state.code, state.block_size) == (code, block_size):
             return state.to(device)
         return QuantizedState.quantize(as_float(state).to(device), code, block_size)
 
     def _run_kernels(self, p, state, options, specs, hyper, batch):
-        """The fused step kernels (step_32bit / step_8bit) on p and its states, in place: a CPU
-        float32 parameter joins the batch, launched with the others after the last one."""
+        """The fused step kernels (step_32bit, step_8bit, step_rank1) on p and its states, in place: a
+        CPU float32 parameter with float32 or block-wise states joins the batch, launched with the
+        others after the last one."""
         kernels, block_size = kernels_for(p), options["block_size"]
         states = [state[name] for name, _ in specs]
+        if any(isinstance(s, Rank1State) for s in states):
+            # two passes over the whole tensor (the new maxima need every element): not chunked, not batched
+            args = [s.rank1_kernel_args() for s in states]
+            args += args * (2 - len(args))  # one state: the kernel's second slot is not read
+            for _, _, param, grad in float32_chunks(p, p.numel()):
+                kernels.step_rank1(self.kind, len(states), param, grad, hyper, block_size, *args)
+            return
         if batch.takes(p):
             batch.add(self.kind, p, states, hyper, block_size)
             return
@@ -205,7 +253,8 @@ class BlockwiseOptimizer(torch.optim.Optimizer):
             if len(per_state) == 1:  # the kernel's second state slot, left untouched
                 indices, absmax, *code = per_state[0]
                 per_state.append((indices[:0], absmax[:0], *code))
-            kernels.step_8bit(self.kind, len(states), param, grad, hyper, block_size, *per_state[0], *per_state[1])
+            kernels.step_8bit(self.kind, len(states), param, grad, hyper, block_size, *per_state[0], *per_state[1],
+                              per_byte=(states[0].per_byte, states[-1].per_byte))
 
     def load_state_dict(self, state_dict):
         """torch's load_state_dict, all or nothing: every param group and state is checked against

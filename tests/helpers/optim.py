@@ -2,11 +2,14 @@
 tensor with bitsandbytes' test gradients, a small MLP, a checkpointed model), and float32 distances."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 import quantlab.optim as qo
 from quantlab import reference
+from quantlab.optim.state import QUANTIZED
 
 
 def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,21 +42,26 @@ def layout(state: dict) -> dict:
     return formats
 
 
+def _fields(value) -> dict:
+    """A quantized state's tensors by field name (indices, absmax or row_max and col_max)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.type == "torch.Tensor"}
+
+
 def state_tensors(state: dict) -> dict:
-    """Every tensor of one parameter's optimizer state by a name: a QuantizedState's as NAME.indices
-    and NAME.absmax."""
+    """Every tensor of one parameter's optimizer state by a name: a quantized state's as NAME.indices,
+    NAME.absmax (or NAME.row_max, NAME.col_max)."""
     tensors = {}
     for name, value in state.items():
-        if isinstance(value, qo.QuantizedState):
-            tensors.update({f"{name}.indices": value.indices, f"{name}.absmax": value.absmax})
+        if isinstance(value, QUANTIZED):
+            tensors.update({f"{name}.{field}": t for field, t in _fields(value).items()})
         elif torch.is_tensor(value):
             tensors[name] = value
     return tensors
 
 
 def clone_state(value):
-    if isinstance(value, qo.QuantizedState):
-        return qo.QuantizedState(value.indices.clone(), value.absmax.clone(), value.code, value.block_size)
+    if isinstance(value, QUANTIZED):
+        return dataclasses.replace(value, **{field: t.clone() for field, t in _fields(value).items()})
     return value.clone() if torch.is_tensor(value) else value
 
 
@@ -64,10 +72,11 @@ def snapshot(opt, params):
 
 
 def assert_states_equal(x, y, what):
-    """Two state values equal: tensors in dtype and value, quantized states in all four parts."""
-    if isinstance(x, qo.QuantizedState):
-        assert isinstance(y, qo.QuantizedState) and (x.code, x.block_size) == (y.code, y.block_size), what
-        assert torch.equal(x.indices, y.indices) and torch.equal(x.absmax, y.absmax), what
+    """Two state values equal: tensors in dtype and value, quantized states in all their parts."""
+    if isinstance(x, QUANTIZED):
+        assert type(y) is type(x) and (x.code, x.shape, getattr(x, "block_size", None)) == \
+            (y.code, y.shape, getattr(y, "block_size", None)), what
+        assert all(torch.equal(a, b) for a, b in zip(x.tensors(), y.tensors())), what
     elif torch.is_tensor(x):
         assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), what
     else:

@@ -3,7 +3,8 @@
 Run as ``python -m helpers.state_fuzz EXAMPLES SEED`` (from tests/, as
 tests/quantlab/optim/test_state_fuzz.py does, in a process of its own: a kernel writing out of
 bounds aborts the process, which must fail the test rather than end the test run). Each example
-saves the state of a stepped optimizer (one of the eight, 8- or 32-bit, two parameters), corrupts
+saves the state of a stepped optimizer (one of the eight, in one of the FORMATS, two parameters: a
+matrix, which rank-1 normalises, and a vector), corrupts
 it one way and loads it into a stepped optimizer of the same kind. The load must either
 
 - raise ValueError or TypeError, leaving the optimizer exactly as it was, or
@@ -15,6 +16,7 @@ Prints one JSON line: examples tried, how many were refused and loaded, per corr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -26,11 +28,24 @@ from hypothesis import strategies as st
 
 import quantlab.optim as qo
 from helpers.optim import assert_same_snapshot, snapshot
+from quantlab import reference
 from quantlab.codes import make_code
+from quantlab.optim.state import QUANTIZED
 
-SIZES = (300, 1000)  # two parameters: states of different sizes to swap
+SHAPES = ((20, 15), (1000,))  # two parameters: states of different sizes to swap
 BLOCK_SIZE = 128
-SHORT_CODE = make_code("linear", bits=4)  # 16 values: an index >= 16 is out of range
+# state options by format; short codes (fewer values than their bits hold) so that an index can be
+# out of range: linear signed codes have 2**bits - 1 values
+FORMATS = {
+    "32-bit": dict(state_bits=32),
+    "5-bit, one a byte": dict(state_bits=5, signed_code=make_code("linear", bits=5),
+                              unsigned_code=make_code("linear", bits=5, signed=False)),
+    "4-bit, packed": dict(state_bits=4, signed_code=make_code("linear", bits=4),
+                          unsigned_code=make_code("linear-zero-free", bits=4, signed=False)),
+    "4-bit, rank-1": dict(state_bits=4, signed_code=make_code("linear", bits=4),
+                          unsigned_code=make_code("linear-zero-free", bits=4, signed=False),
+                          unsigned_normalization="rank1"),
+}
 OPTIMIZERS = {
     "adam": lambda ps, **o: qo.Adam(ps, **o),
     "adamw": lambda ps, **o: qo.AdamW(ps, **o),
@@ -56,13 +71,13 @@ CORRUPTIONS = sorted(PRESERVING | {
 counts = {"examples": 0, "refused": Counter(), "loaded": Counter()}
 
 
-def make(kind: str, bits: int, seed: int, dtype=torch.float32):
-    """Parameters and an optimizer of ``kind`` after two steps from seeded gradients."""
+def make(kind: str, bits: str, seed: int, dtype=torch.float32):
+    """Parameters and an optimizer of ``kind`` with states in format ``bits`` (one of FORMATS; LAMB
+    has no rank-1 states and keeps them packed) after two steps from seeded gradients."""
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in SIZES]
-    options = {"state_bits": bits, "block_size": BLOCK_SIZE, "min_8bit_size": 0}
-    if bits == 8:
-        options.update(signed_code=SHORT_CODE, unsigned_code=make_code("linear", bits=4, signed=False))
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
+    bits = "4-bit, packed" if kind == "lamb" and bits == "4-bit, rank-1" else bits
+    options = {"block_size": BLOCK_SIZE, "min_8bit_size": 0, **FORMATS[bits]}
     optimizer = OPTIMIZERS[kind](params, **options)
     step(params, optimizer, seed)
     step(params, optimizer, seed + 1)
@@ -80,7 +95,7 @@ def a_state(saved: dict, name_choice: int, want_quantized: bool | None = None):
     """(param index, state name) of one state of the saved dict, chosen by ``name_choice``."""
     entries = [(i, name) for i, per_param in sorted(saved["state"].items()) for name in sorted(per_param)
                if name != "step" and (want_quantized is None
-                                      or isinstance(per_param[name], qo.QuantizedState) == want_quantized)]
+                                      or isinstance(per_param[name], QUANTIZED) == want_quantized)]
     return entries[name_choice % len(entries)] if entries else None
 
 
@@ -95,7 +110,9 @@ def corrupt(saved: dict, corruption: str, kind: str, bits: int, choice: int) -> 
             return False
         i, name = target
         value = saved["state"][i][name]
-        field = ("indices", "absmax")[choice % 2] if isinstance(value, qo.QuantizedState) else None
+        names = [f.name for f in dataclasses.fields(value) if f.type == "torch.Tensor"] if isinstance(
+            value, QUANTIZED) else []
+        field = names[choice % len(names)] if names else None
         tensor = getattr(value, field) if field else value
         if corruption == "truncated":
             tensor = tensor.reshape(-1)[:max(tensor.numel() - 1 - choice % 7, 0)].clone()
@@ -110,11 +127,9 @@ def corrupt(saved: dict, corruption: str, kind: str, bits: int, choice: int) -> 
             tensor = tensor.tolist()
         if field is None:
             saved["state"][i][name] = tensor
-        else:  # a QuantizedState rebuilt around the bad field is refused on construction, like torch.load
-            fields = {"indices": value.indices, "absmax": value.absmax, field: tensor}
+        else:  # a quantized state rebuilt around the bad field is refused on construction, like torch.load
             try:
-                saved["state"][i][name] = qo.QuantizedState(fields["indices"], fields["absmax"], value.code,
-                                                             value.block_size)
+                saved["state"][i][name] = dataclasses.replace(value, **{field: tensor})
             except (TypeError, ValueError):
                 object.__setattr__(value, field, tensor)  # as a state changed in place would be
         return True
@@ -124,15 +139,24 @@ def corrupt(saved: dict, corruption: str, kind: str, bits: int, choice: int) -> 
         i, name = quantized
         value = saved["state"][i][name]
         if corruption == "index out of range":
-            value.indices.view(-1)[choice % value.indices.numel()] = len(value.code) + choice % (256 - len(value.code))
+            if value.code.bits in reference.PACKED_BITS:
+                if len(value.code) == 2**value.code.bits:
+                    return False  # every field of a byte is a valid index
+                value.indices.view(-1)[choice % value.indices.numel()] = 255  # every field 2**bits - 1
+            else:
+                value.indices.view(-1)[choice % value.indices.numel()] = len(value.code) + choice % (
+                    256 - len(value.code))
         elif corruption == "block size changed":
+            if not isinstance(value, qo.QuantizedState):
+                return False
             object.__setattr__(value, "block_size", BLOCK_SIZE // 2)
         else:
             bad = {"absmax NaN": float("nan"), "absmax negative": -1.0, "absmax Inf": float("inf")}[corruption]
-            value.absmax[choice % value.absmax.numel()] = bad
+            scales = value.tensors()[1 + choice % (len(value.tensors()) - 1)]
+            scales[choice % scales.numel()] = bad
         return True
     if corruption == "float state not contiguous":
-        if target is None or isinstance(saved["state"][target[0]][target[1]], qo.QuantizedState):
+        if target is None or isinstance(saved["state"][target[0]][target[1]], QUANTIZED):
             return False
         i, name = target
         value = saved["state"][i][name]
@@ -143,7 +167,7 @@ def corrupt(saved: dict, corruption: str, kind: str, bits: int, choice: int) -> 
         if corruption == "missing key":
             del saved["state"][i][sorted(saved["state"][i])[choice % len(saved["state"][i])]]
         elif corruption == "extra key":
-            saved["state"][i]["max_exp_avg_sq"] = torch.zeros(SIZES[i])
+            saved["state"][i]["max_exp_avg_sq"] = torch.zeros(SHAPES[i])
         else:
             saved["state"][i] = list(saved["state"][i].items())
         return True
@@ -180,7 +204,7 @@ def corrupt(saved: dict, corruption: str, kind: str, bits: int, choice: int) -> 
     raise ValueError(f"unknown corruption {corruption!r}")
 
 
-@given(kind=st.sampled_from(sorted(OPTIMIZERS)), bits=st.sampled_from([8, 32]),
+@given(kind=st.sampled_from(sorted(OPTIMIZERS)), bits=st.sampled_from(sorted(FORMATS)),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), after_load=st.booleans(),
        corruption=st.sampled_from(CORRUPTIONS), choice=st.integers(0, 10_000), seed=st.integers(0, 2**16))
 def fuzz_load(kind, bits, dtype, after_load, corruption, choice, seed):

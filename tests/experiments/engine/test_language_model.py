@@ -24,6 +24,10 @@ def tiny(**changes) -> lm.LMConfig:
     {"library": "torch", "algorithm": "adam"}, {"library": "torch", "algorithm": "sgd", "lr": 0.1},
     {"algorithm": "adamw"}, {"algorithm": "lion", "lr": 1e-4}, {"algorithm": "sgd", "lr": 0.1},
     {"algorithm": "adam", "state_bits": 32}, {"block_size": 0}, {"code": "linear"},
+    {"state_bits": 4, "block_size": 128, "unsigned_code": "linear-zero-free", "unsigned_normalization": "rank1"},
+    {"state_bits": 3, "block_size": 0, "unsigned_code": "dynamic-zero-free"},
+    pytest.param({"library": "torchao", "state_bits": 4}, marks=pytest.mark.skipif(
+        importlib.util.find_spec("torchao") is None, reason="no torchao")),
     pytest.param({"library": "bitsandbytes"}, marks=pytest.mark.skipif(not HAS_BNB, reason="no bitsandbytes"))],
     ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_every_optimizer_trains_and_the_run_directory_is_complete(tmp_path, options):
@@ -105,9 +109,34 @@ def test_second_moment_zeros_counts_stored_zeros_where_the_gradient_is_not():
     assert lm.second_moment_zeros(model, torch.optim.Adam([p])) is None
 
 
+def test_second_moment_zeros_reads_rank1_states_and_a_zero_free_code_has_none():
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(32, 32))
+    codes = {"linear": quantlab.codes.linear_code(4, signed=False),
+             "zero-free": quantlab.codes.linear_code(4, signed=False, include_zero=False)}
+    fractions = {}
+    for name, code in codes.items():
+        optimizer = quantlab.optim.Adam([model.w], lr=1e-3, min_8bit_size=0, state_bits=4, signed_code=None,
+                                        unsigned_code=code, unsigned_normalization="rank1")
+        model.w.grad = torch.full((32, 32), 1e-3)
+        # every other element's row and column hold a 1: its scale is ~1, and 1e-6 of it rounds to 0 in
+        # the linear code (rank-1 spares rows and columns of small values alone)
+        model.w.grad[0, :], model.w.grad[:, 0] = 1.0, 1.0
+        optimizer.step()
+        assert isinstance(optimizer.state[model.w]["exp_avg_sq"], quantlab.optim.Rank1State)
+        fractions[name] = lm.second_moment_zeros(model, optimizer)["fraction"]
+    assert fractions["linear"] == pytest.approx(31 * 31 / 1024) and fractions["zero-free"] == 0
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"library": "torch", "state_bits": 8}, "state_bits must be 32"),
     ({"library": "bitsandbytes", "code": "linear"}, "bitsandbytes keeps 8-bit states"),
+    ({"library": "bitsandbytes", "unsigned_normalization": "rank1"}, "bitsandbytes keeps 8-bit states"),
+    ({"library": "torchao", "state_bits": 5}, "torchao is used for AdamW with 4- or 8-bit states"),
+    ({"library": "torchao", "state_bits": 4, "algorithm": "lion"}, "torchao is used for AdamW"),
+    ({"state_bits": 9}, "state_bits must be one of"),
+    ({"state_bits": 4, "block_size": 127}, "block_size must be a multiple of 2"),
+    ({"unsigned_code": "fp8"}, "unsigned_code must be one of"),
     ({"library": "torch", "algorithm": "lion"}, None),
     ({"corpus": "wiki"}, "corpus must be one of"),
     ({"width": 30, "heads": 4}, "does not split"),

@@ -34,6 +34,31 @@ def test_run_names_are_distinct_across_every_study():
         assert len(set(names)) == len(names) == len(study.cells) * len(study.seeds)
 
 
+def test_every_cell_of_every_study_is_a_valid_config():
+    from experiments.engine.config import load_config
+    from experiments.engine.language_model import LMConfig
+
+    for make in language.STUDIES.values():
+        study = make()
+        for cell in study.cells:
+            load_config(study.run_settings(cell, 0), kind=LMConfig)
+
+
+def test_the_state_bits_study_and_its_figure(tmp_path):
+    study = language.state_bits_study()
+    assert len(study.cells) == 1 + len(language.STATE_BITS) * len(language.STATE_BIT_CODES)
+    settings = study.run_settings("2-bit, zero-free linear v, rank-1", 1)
+    assert (settings["state_bits"], settings["block_size"], settings["unsigned_code"],
+            settings["unsigned_normalization"], settings["seed"]) == (2, 128, "linear-zero-free", "rank1", 1)
+    base = {"untrained_val_loss": 5.5, "unigram_val_loss": 3.3}
+    runs = [{**base, "cell": cell, "seed": 0, "final_val_loss": 2.0 + ("linear" in cell), "unstable": None}
+            for cell in study.cells]
+    runs[1] = {**runs[1], "final_val_loss": 6.0, "unstable": "not below unigram"}
+    rows = [{"cell": cell, "val_loss": 2.0, **base} for cell in study.cells]
+    path = language.plot_state_bits({"study": "state-bits", "runs": runs, "rows": rows}, tmp_path / "bits.png")
+    assert path.stat().st_size > 10_000
+
+
 def test_stability_study_is_the_papers_grid():
     study = language.stability_study()
     assert len(study.cells) == 10 and study.seeds == tuple(range(10))

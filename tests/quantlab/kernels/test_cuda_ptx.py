@@ -16,14 +16,21 @@ pytestmark = pytest.mark.skipif(numba.config.ENABLE_CUDASIM, reason="compiles fo
 f32, u8, i32 = (types.Array(t, 1, "C") for t in (types.float32, types.uint8, types.int32))
 i64, partial = types.int64, types.Array(types.float64, 2, "C")
 hyper = types.UniTuple(types.float32, 8)
-state = (u8, f32, f32, u8, f32, i64, i64, i64)  # q, absmax, values, table, points, shift, bias, zero index
+# q, scale a (absmax or row maxima), scale b (column maxima), new maxima bits, values, table, points, shift, bias,
+# zero index, indices a byte
+state = (u8, f32, f32, i32, f32, u8, f32, i64, i64, i64, i64)
 KERNELS = {
     "quantize_blockwise": (f32, i32, i64, u8, f32, i64, i64, i64, u8, f32),
     "quantize_blockwise_stochastic": (f32, i32, f32, i64, u8, f32, i64, i64, f32, i64, u8, f32),
     "dequantize_blockwise": (u8, f32, f32, i64, f32),
     "_step_32bit": (i64, i64, f32, f32, f32, f32, hyper),
-    "_step_8bit": (i64, i64, f32, f32, hyper, i64, *state, *state),
-    "_lamb_norms": (types.boolean, f32, f32, f32, f32, *state[:3], *state[:3], hyper, i64, partial),
+    "_step_quantized": (types.boolean, i64, i64, f32, f32, hyper, i64, *state, *state),
+    "_lamb_norms": (types.boolean, f32, f32, f32, f32, u8, f32, f32, i64, u8, f32, f32, i64, hyper, i64, partial),
+    "_pack": (u8, i64, u8), "_unpack": (u8, i64, u8), "_zero": (i32,),
+    "_rank1_maxima": (i32, i64, i64, i32),
+    "_quantize_rank1": (f32, i32, i64, i64, u8, f32, i64, i64, i64, i64, u8),
+    "_dequantize_rank1": (u8, f32, f32, f32, i64, f32),
+    "_store_maxima": (i32, f32, f32),
 }
 
 

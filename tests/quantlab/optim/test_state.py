@@ -51,7 +51,7 @@ def test_a_load_is_all_or_nothing():
                                             (14, None)])
 def test_indices_past_a_short_code_are_refused(index, message):
     code = make_code("linear", bits=4)  # 15 values: symmetric about 0
-    params, optimizer = stepped(qo.SGD, [500], lr=0.1, momentum=0.9, signed_code=code, min_8bit_size=0)
+    params, optimizer = stepped(qo.SGD, [500], lr=0.1, momentum=0.9, signed_code=code, state_bits=4, min_8bit_size=0)
     saved = optimizer.state_dict()
     saved["state"][0]["momentum_buffer"].indices[7] = index
     if message is None:
