@@ -54,7 +54,7 @@ def test_config_round_trips_through_json(tmp_path):
     (["--set", "learning_rate=0.1"], "unknown config key.*learning_rate"),
     (["--set", "augment.blurr_p=0.1"], "unknown augment option.*blurr_p"),
     (["--set", "lr"], "key=value"),
-    (["--state-bits", "4"], "state_bits"),
+    (["--state-bits", "9"], "state_bits must be one of"),
     (["--optimizer", "torch-adamw", "--state-bits", "8"], "float32"),
     (["--optimizer", "bnb-adamw8bit", "--set", "block_size=128"], "256-element"),
     (["--method", "byol"], "method must be one of"),
